@@ -1,0 +1,416 @@
+"""Datasets as tensors: a registry of real datasets, offline digits, synthetic data, subsets, GPU batches.
+
+Every dataset whose images share one size is a :class:`TensorDataset` exposing ``.x`` (N, C, H, W)
+uint8, ``.y`` (N,) int64 and ``.classes``. CIFAR-scale sets fit on a GPU as uint8, and
+:func:`batches` normalises, resizes and augments them there, batch by batch.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .runtime import data_dir
+
+__all__ = [
+    "TensorDataset",
+    "DatasetUnavailableError",
+    "DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "load",
+    "digits",
+    "synthetic_features",
+    "synthetic_images",
+    "subset_per_class",
+    "class_subset",
+    "materialize",
+    "batches",
+    "normalize",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetUnavailableError(FileNotFoundError):
+    """A dataset is not on disk and cannot be downloaded (offline)."""
+
+
+class TensorDataset(Dataset):
+    """Images held as one uint8 tensor ``x`` (N, C, H, W) with labels ``y`` (N,) and ``classes``.
+
+    Indexing returns ``(image, label)`` with the image as float in [0, 1] (or ``transform(image)``
+    when a transform is given). For speed, use :func:`batches`, which works on ``.x`` directly.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        classes: Sequence[str] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"y must be (N,) with N={len(x)}, got shape {tuple(y.shape)}")
+        self.x = x
+        self.y = y.long()
+        n_cls = int(self.y.max()) + 1 if len(self.y) else 0
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(n_cls)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.x[i]
+        img = img.float() / 255.0 if img.dtype == torch.uint8 else img
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.y[i])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to(self, device: torch.device | str) -> TensorDataset:
+        """A copy whose tensors live on ``device`` (uint8 stays uint8)."""
+        return TensorDataset(self.x.to(device), self.y.to(device), self.classes, self.transform)
+
+    def __repr__(self) -> str:
+        c, h, w = self.x.shape[1:]
+        return (f"TensorDataset(N={len(self)}, image={c}x{h}x{w}, classes={self.num_classes}, "
+                f"device={self.x.device})")
+
+
+# --------------------------------------------------------------------------- offline data
+def digits(split: str = "train", size: int = 32, test_fraction: float = 0.3) -> TensorDataset:
+    """scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes) served as 3x``size``x``size``
+    uint8 images with a fixed, stratified train/test split (seed 0, 30 % test)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    _check_split(split, ("train", "test"))
+    bunch = load_digits()
+    imgs = torch.from_numpy(bunch.images).float() / 16.0  # (N, 8, 8) in [0, 1]
+    labels = torch.from_numpy(bunch.target).long()
+    idx_train, idx_test = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, stratify=labels.numpy(), random_state=0
+    )
+    idx = torch.from_numpy(np.sort(idx_train if split == "train" else idx_test))
+    x = imgs[idx, None]
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return TensorDataset(x, labels[idx], classes=[str(d) for d in range(10)])
+
+
+def synthetic_features(
+    num_classes: int = 5,
+    per_class: int | Sequence[int] = 50,
+    dim: int = 16,
+    within_std: float = 1.0,
+    between_scale: float = 5.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-structured features: ``h = between_scale * m_k + within_std * z`` with random unit class
+    directions ``m_k`` and Gaussian noise ``z``. ``per_class`` may be a list for imbalanced classes.
+    Returns ``(H, y)`` with ``H`` (N, dim) and ``y`` (N,) sorted by class."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = [per_class] * num_classes if isinstance(per_class, int) else list(per_class)
+    if len(counts) != num_classes or min(counts) < 1:
+        raise ValueError("per_class must be a positive int or one positive count per class")
+    means = torch.randn(num_classes, dim, generator=gen, dtype=dtype)
+    means = between_scale * means / means.norm(dim=1, keepdim=True)
+    y = torch.repeat_interleave(torch.arange(num_classes), torch.tensor(counts))
+    h = means[y] + within_std * torch.randn(len(y), dim, generator=gen, dtype=dtype)
+    return h, y
+
+
+def synthetic_images(
+    num_classes: int = 4,
+    per_class: int = 50,
+    size: int = 32,
+    noise: float = 0.15,
+    seed: int = 0,
+) -> TensorDataset:
+    """Class-structured RGB images: each class is a smooth random colour pattern; samples add
+    per-pixel Gaussian noise and a random brightness shift. A fully offline image task."""
+    gen = torch.Generator().manual_seed(seed)
+    protos = torch.rand(num_classes, 3, 4, 4, generator=gen)
+    protos = F.interpolate(protos, size=(size, size), mode="bicubic", align_corners=False)
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    x = protos[y] + noise * torch.randn(len(y), 3, size, size, generator=gen)
+    x = x + 0.1 * torch.randn(len(y), 1, 1, 1, generator=gen)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return TensorDataset(x, y, classes=[f"pattern{k}" for k in range(num_classes)])
+
+
+# --------------------------------------------------------------------------- subsets
+def _labels_of(data: TensorDataset | torch.Tensor | Sequence[int]) -> torch.Tensor:
+    if isinstance(data, TensorDataset):
+        return data.y.cpu()
+    return torch.as_tensor(data).long().cpu()
+
+
+def subset_per_class(
+    data: TensorDataset | torch.Tensor, n: int, seed: int = 0
+) -> TensorDataset | torch.Tensor:
+    """Exactly ``n`` samples of every class, drawn without replacement with ``seed``.
+
+    Given a :class:`TensorDataset` returns a new one; given labels returns the sorted indices.
+    A class with fewer than ``n`` samples raises ``ValueError`` naming it."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    y = _labels_of(data)
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    short = {}
+    for k in torch.unique(y).tolist():
+        idx = torch.nonzero(y == k).flatten()
+        if len(idx) < n:
+            short[k] = len(idx)
+            continue
+        picked.append(idx[torch.randperm(len(idx), generator=gen)[:n]])
+    if short:
+        raise ValueError(f"classes with fewer than {n} samples (class: count): {short}")
+    idx = torch.sort(torch.cat(picked)).values
+    if isinstance(data, TensorDataset):
+        dev_idx = idx.to(data.x.device)
+        return TensorDataset(data.x[dev_idx], data.y[dev_idx], data.classes, data.transform)
+    return idx
+
+
+def class_subset(data: TensorDataset, classes: Sequence[int], relabel: bool = True) -> TensorDataset:
+    """The samples of ``classes`` only; with ``relabel`` their labels become 0..len(classes)-1 in the
+    given order (e.g. digits 5-9 as a 5-class downstream task)."""
+    classes = list(classes)
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be distinct, got {classes}")
+    valid = set(range(data.num_classes))
+    bad = [c for c in classes if c not in valid]
+    if bad:
+        raise ValueError(f"classes {bad} not in [0, {data.num_classes})")
+    lut = torch.full((data.num_classes,), -1, dtype=torch.long)
+    lut[torch.tensor(classes)] = torch.arange(len(classes))
+    y = data.y.cpu()
+    keep = torch.nonzero(lut[y] >= 0).flatten().to(data.y.device)
+    new_y = lut.to(data.y.device)[data.y[keep]] if relabel else data.y[keep]
+    names = [data.classes[c] for c in classes] if relabel else data.classes
+    return TensorDataset(data.x[keep], new_y, names, data.transform)
+
+
+# --------------------------------------------------------------------------- GPU batches
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 or [0, 1] float images -> float32 ``(x/255 - mean) / std`` per channel."""
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+@dataclass
+class batches:  # noqa: N801  (an iterable used like a DataLoader)
+    """Re-iterable ``(x, y)`` batches from a :class:`TensorDataset`, built on ``device``.
+
+    Each batch is moved (uint8) to ``device``, optionally augmented by ``augment(x_uint8_or_float)``,
+    resized to ``size`` (bilinear) and normalised. With ``shuffle`` the order changes every epoch,
+    reproducibly from ``seed``. Use it wherever a ``DataLoader`` would go.
+    """
+
+    data: TensorDataset
+    batch_size: int = 256
+    shuffle: bool = False
+    device: torch.device | str | None = None
+    size: int | None = None
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    drop_last: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dev = torch.device(self.device) if self.device is not None else self.data.x.device
+        n = len(self.data)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100003 + self._epoch)
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        self._epoch += 1
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.data.x[idx.to(self.data.x.device)].to(dev, non_blocking=True)
+            y = self.data.y[idx.to(self.data.y.device)].to(dev, non_blocking=True)
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            if self.augment is not None:
+                x = self.augment(x)
+            if self.size is not None and x.shape[-1] != self.size:
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                  align_corners=False, antialias=x.shape[-1] > self.size)
+            yield normalize(x, self.mean, self.std), y
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class _Remote:
+    tv_name: str
+    folder: str
+    urls: tuple[str, ...]
+    splits: dict
+    fixed_size: bool
+
+
+DATASETS: dict[str, _Remote | str] = {
+    "digits": "offline: scikit-learn's digits (10 classes, 32x32)",
+    "cifar10": _Remote("CIFAR10", "cifar-10-batches-py",
+                       ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
+                       {"train": {"train": True}, "test": {"train": False}}, True),
+    "cifar100": _Remote("CIFAR100", "cifar-100-python",
+                        ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",),
+                        {"train": {"train": True}, "test": {"train": False}}, True),
+    "fgvc_aircraft": _Remote("FGVCAircraft", "fgvc-aircraft-2013b",
+                             ("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/"
+                              "fgvc-aircraft-2013b.tar.gz",),
+                             {"train": {"split": "trainval"}, "test": {"split": "test"}}, False),
+    "dtd": _Remote("DTD", "dtd/dtd",
+                   ("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",),
+                   {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
+                   False),
+    "oxford_pets": _Remote("OxfordIIITPet", "oxford-iiit-pet",
+                           ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz",
+                            "https://www.robots.ox.ac.uk/~vgg/data/pets/data/annotations.tar.gz"),
+                           {"train": {"split": "trainval"}, "test": {"split": "test"}}, False),
+    "flowers102": _Remote("Flowers102", "flowers-102",
+                          ("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz",
+                           "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/imagelabels.mat",
+                           "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/setid.mat"),
+                          {"train": {"split": "train"}, "val": {"split": "val"},
+                           "test": {"split": "test"}}, False),
+    "sun397": _Remote("SUN397", "SUN397",
+                      ("http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz",),
+                      {"train": {}, "test": {}}, False),
+}
+
+
+def _check_split(split: str, valid: Sequence[str]) -> None:
+    if split not in valid:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(valid)}")
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of ``url`` accepts a TCP connection within ``timeout`` seconds."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _default_transform(size: int | None):
+    from torchvision import transforms as T
+
+    steps = [T.Resize(size), T.CenterCrop(size)] if size else []
+    return T.Compose([*steps, T.PILToTensor()])
+
+
+def load(
+    name: str,
+    split: str = "train",
+    root: str | Path | None = None,
+    download: bool = True,
+    image_size: int | None = None,
+    transform: Callable | None = None,
+) -> Dataset:
+    """A dataset from the registry (:data:`DATASETS`).
+
+    ``digits`` is offline. The others come through torchvision into ``root`` (default
+    ``$NCLAB_DATA``, else ``~/.cache/nclab/data``), downloaded with torchvision's checksums when
+    missing. Offline, a missing dataset raises :class:`DatasetUnavailableError` within seconds,
+    naming the files to fetch and the folder to put them in.
+
+    CIFAR-10/100 return a :class:`TensorDataset`. Datasets of mixed image sizes return torchvision's
+    dataset with ``transform`` applied (default: ``image_size`` resize + centre crop to a uint8
+    tensor); pass ``image_size`` and call :func:`materialize` to get tensors.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; registered: {', '.join(DATASETS)}")
+    if name == "digits":
+        return digits(split, size=image_size or 32)
+    spec = DATASETS[name]
+    _check_split(split, tuple(spec.splits))
+    root = data_dir(root)
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, spec.tv_name)
+    kwargs = dict(spec.splits[split])
+    if not spec.fixed_size:
+        kwargs["transform"] = transform or _default_transform(image_size)
+    try:
+        ds = cls(str(root), download=False, **kwargs)
+    except (RuntimeError, FileNotFoundError) as err:
+        if not download or not _reachable(spec.urls[0]):
+            files = "\n  ".join(spec.urls)
+            raise DatasetUnavailableError(
+                f"dataset {name!r} is not in {root / spec.folder} and cannot be downloaded "
+                f"(offline{'' if download else ', download=False'}).\nFetch these files:\n  {files}\n"
+                f"and extract them under {root} (torchvision's layout: {root / spec.folder}), "
+                f"or set NCLAB_DATA to the folder that holds them."
+            ) from err
+        t0 = time.perf_counter()
+        ds = cls(str(root), download=True, **kwargs)
+        print(f"downloaded {name} into {root} in {time.perf_counter() - t0:.0f} s")
+    if spec.fixed_size:
+        x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        y = torch.as_tensor(ds.targets).long()
+        out = TensorDataset(x, y, classes=list(ds.classes))
+        if image_size and image_size != x.shape[-1]:
+            out = TensorDataset(
+                (F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear",
+                               antialias=True)).round().clamp(0, 255).to(torch.uint8),
+                y, out.classes)
+        return out
+    return ds
+
+
+def materialize(ds: Dataset, classes: Sequence[str] | None = None) -> TensorDataset:
+    """Stack a dataset of equally sized uint8 (or [0, 1] float) images into a :class:`TensorDataset`."""
+    xs, ys = [], []
+    for img, label in ds:
+        img = torch.as_tensor(img)
+        if img.dtype != torch.uint8:
+            img = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        xs.append(img)
+        ys.append(int(label))
+    if not xs:
+        raise ValueError("cannot materialize an empty dataset")
+    shapes = {tuple(x.shape) for x in xs}
+    if len(shapes) != 1:
+        raise ValueError(f"images differ in size {sorted(shapes)[:3]}...; load with image_size=")
+    names = classes if classes is not None else getattr(ds, "classes", None)
+    return TensorDataset(torch.stack(xs), torch.tensor(ys), names)

@@ -1,0 +1,150 @@
+"""Runtime context: the compute device, seeding, and the active profile.
+
+The profile sets every size a chapter uses (epochs, data, model names), so that the same notebook runs
+in seconds on a laptop CPU (``smoke``), in minutes on one GPU (``course``) and as in the paper
+(``paper``). It is chosen by the environment variable ``NCLAB_PROFILE``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["device", "seed_everything", "profile", "Profile", "PROFILES", "cache_dir", "data_dir"]
+
+
+def device() -> torch.device:
+    """The best available device: CUDA, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch (CPU and all GPUs); set cuDNN's deterministic flag."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every size a chapter reads. Chapters never hard-code an epoch count: they read it here.
+
+    Fields
+    ------
+    name: ``smoke`` | ``course`` | ``paper``.
+    seeds: seeds for studies that report error bars.
+    pretrain_epochs: epochs of source pre-training for models a chapter trains itself.
+    finetune_epochs: epochs of downstream fine-tuning (Table 3 uses 200 in ``paper``).
+    batch_size: training batch size.
+    image_size: input resolution for pretrained ImageNet backbones (224) or small nets (32).
+    downstream: downstream datasets (registry names of :mod:`nclab.data`).
+    source: the source dataset for the chapters that pre-train.
+    models: backbone names for the across-model study.
+    shots_per_class: images per class for the data-scarcity study (Fig. 8).
+    episodes: few-shot episodes per evaluation.
+    max_train_per_class: cap on downstream training images per class (None = all).
+    """
+
+    name: str
+    seeds: tuple[int, ...]
+    pretrain_epochs: int
+    finetune_epochs: int
+    batch_size: int
+    image_size: int
+    downstream: tuple[str, ...]
+    source: str
+    models: tuple[str, ...]
+    shots_per_class: tuple[int, ...]
+    episodes: int
+    max_train_per_class: int | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        seeds=(0, 1, 2),
+        pretrain_epochs=8,
+        finetune_epochs=15,
+        batch_size=64,
+        image_size=32,
+        downstream=("digits",),
+        source="digits",
+        models=("convnet_s", "resnet_s"),
+        shots_per_class=(3, 10, 32, 100),
+        episodes=100,
+    ),
+    "course": Profile(
+        name="course",
+        seeds=(0, 1, 2),
+        pretrain_epochs=30,
+        finetune_epochs=10,
+        batch_size=256,
+        image_size=224,
+        downstream=("cifar10", "dtd", "oxford_pets", "fgvc_aircraft"),
+        source="cifar100",
+        models=("resnet18", "resnet34", "resnet50", "densenet121", "densenet169", "densenet201",
+                "mobilenet_v2", "googlenet", "vit_b32"),
+        shots_per_class=(3, 10, 32, 100, 316),
+        episodes=600,
+        max_train_per_class=1000,
+    ),
+    "paper": Profile(
+        name="paper",
+        seeds=(0, 1, 2),
+        pretrain_epochs=200,
+        finetune_epochs=200,
+        batch_size=256,
+        image_size=224,
+        downstream=("cifar10", "cifar100", "fgvc_aircraft", "dtd", "oxford_pets"),
+        source="cifar100",
+        models=("resnet18", "resnet34", "resnet50", "densenet121", "densenet169", "densenet201",
+                "mobilenet_v2", "googlenet", "vit_b32"),
+        shots_per_class=(3, 10, 32, 100, 316),
+        episodes=600,
+    ),
+}
+
+
+def profile(name: str | None = None) -> Profile:
+    """The active profile: ``name`` if given, else ``$NCLAB_PROFILE``, else ``course`` with CUDA and
+    ``smoke`` without. An unknown name raises ``ValueError`` listing the valid ones."""
+    if name is None:
+        name = os.environ.get("NCLAB_PROFILE", "").strip().lower() or None
+    if name is None:
+        name = "course" if torch.cuda.is_available() else "smoke"
+    if name not in PROFILES:
+        raise ValueError(
+            f"unknown profile {name!r} (from NCLAB_PROFILE); valid profiles: {', '.join(PROFILES)}"
+        )
+    return PROFILES[name]
+
+
+def cache_dir() -> Path:
+    """Where trained models are cached: ``$NCLAB_CACHE`` (default ``~/.cache/nclab/models``)."""
+    path = Path(os.environ.get("NCLAB_CACHE", Path.home() / ".cache" / "nclab" / "models"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir(root: str | os.PathLike | None = None) -> Path:
+    """Dataset root: ``root`` if given, else ``$NCLAB_DATA`` (default ``~/.cache/nclab/data``)."""
+    if root is None:
+        root = os.environ.get("NCLAB_DATA", Path.home() / ".cache" / "nclab" / "data")
+    return Path(root).expanduser()
