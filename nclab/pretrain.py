@@ -1,3 +1,572 @@
-"""(being written)."""
+"""Source pre-training: augmentation levels, PGD adversarial training, CE / MSE / SupCon losses and
+projection heads, with a cache keyed by the full configuration.
 
-__all__: list[str] = []
+The paper's second story (Sec. 5, App. B) is about collapse *on the source data*: how much
+within-class diversity a pre-training recipe keeps, and how that relates to transfer. This module
+trains the models that story needs:
+
+* :class:`Augment` -- the paper's five augmentation levels, vectorised on batches on the device:
+  1 normalisation only; 2 + random crop (pad 4); 3 + horizontal flip; 4 + colour jitter;
+  5 + random grayscale.
+* :func:`pgd_attack` -- l_inf projected gradient descent (Madry et al.) in pixel space [0, 1].
+* :func:`supcon_loss`, :func:`mse_loss` -- the supervised contrastive loss (Khosla et al.) and the
+  square loss on one-hot targets.
+* :func:`projection_head` -- none, a linear layer or an MLP, placed between the encoder and the loss
+  and discarded after training.
+* :func:`pretrain` -- trains a backbone on a source :class:`~nclab.data.TensorDataset` and returns
+  the encoder (eval mode, head and classifier dropped). The result is cached under
+  :func:`nclab.runtime.cache_dir` by a hash of the architecture, the initial weights, the data and
+  every hyper-parameter, so a second call with the same arguments loads instead of training.
+
+Inputs of the returned backbone are normalised as :func:`nclab.data.batches` does by default
+(``IMAGENET_MEAN`` / ``IMAGENET_STD``), so ``nclab.data.batches(ds)`` feeds it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IMAGENET_MEAN, IMAGENET_STD, TensorDataset, batches
+from .runtime import cache_dir
+
+__all__ = [
+    "AUG_LEVELS",
+    "LOSSES",
+    "Augment",
+    "augment",
+    "pgd_attack",
+    "supcon_loss",
+    "mse_loss",
+    "projection_head",
+    "config_hash",
+    "cache_path",
+    "pretrain",
+]
+
+#: The transforms each augmentation level applies, cumulative as in the paper (App. E.1).
+AUG_LEVELS: dict[int, tuple[str, ...]] = {
+    1: (),
+    2: ("crop",),
+    3: ("crop", "flip"),
+    4: ("crop", "flip", "jitter"),
+    5: ("crop", "flip", "jitter", "grayscale"),
+}
+
+#: Pre-training losses :func:`pretrain` knows.
+LOSSES = ("ce", "mse", "supcon")
+
+_CACHE_VERSION = "pretrain-v1"  # bump when the training procedure changes what a key produces
+
+# ITU-R 601 luma weights (as torchvision's rgb_to_grayscale).
+_LUMA = (0.299, 0.587, 0.114)
+
+
+# --------------------------------------------------------------------------- augmentation
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma."""
+    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """``ratio * a + (1 - ratio) * b`` clamped to [0, 1]; ``ratio`` is (B,)."""
+    r = ratio.view(-1, 1, 1, 1)
+    return (r * a + (1 - r) * b).clamp(0, 1)
+
+
+def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Rotate the chroma of RGB images by ``2 pi * turns`` (B,) in YIQ space, keeping luma."""
+    rgb2yiq = torch.tensor([[0.299, 0.587, 0.114],
+                            [0.596, -0.274, -0.322],
+                            [0.211, -0.523, 0.312]], device=x.device, dtype=x.dtype)
+    yiq2rgb = torch.linalg.inv(rgb2yiq)
+    theta = 2 * math.pi * turns
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
+    rot = torch.stack([torch.stack([one, zero, zero], -1),
+                       torch.stack([zero, cos, -sin], -1),
+                       torch.stack([zero, sin, cos], -1)], -2)  # (B, 3, 3)
+    m = yiq2rgb @ rot @ rgb2yiq  # (B, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", m, x).clamp(0, 1)
+
+
+class Augment:
+    """The paper's augmentation level ``level`` (1-5) on a batch of float images in [0, 1].
+
+    ``Augment(level)(x)`` with ``x`` (B, C, H, W) on any device returns a tensor of the same shape,
+    with independent random parameters per sample (vectorised, no Python loop over samples):
+
+    * ``crop``: zero-pad by ``padding`` pixels and crop back to H x W at a random offset
+      (torchvision's ``RandomCrop(H, padding)``);
+    * ``flip``: mirror left-right with probability ``flip_p``;
+    * ``jitter``: with probability ``jitter_p``, scale brightness by ``b ~ U[1-B, 1+B]``, contrast
+      ``x <- c x + (1-c) mean(gray(x))``, saturation ``x <- s x + (1-s) gray(x)`` and rotate hue by
+      ``h ~ U[-H, H]`` turns (in YIQ space), with ``jitter = (B, C, S, H)``;
+    * ``grayscale``: with probability ``gray_p`` replace every channel by the luma.
+
+    Level 1 (normalisation only) is the identity here: normalisation happens afterwards, in
+    :func:`nclab.data.batches` or :func:`pretrain`. Randomness comes from ``seed`` through a
+    generator on the batch's device, so a run is reproducible. Use it as
+    ``nclab.data.batches(ds, augment=Augment(3))``.
+    """
+
+    def __init__(
+        self,
+        level: int,
+        padding: int = 4,
+        flip_p: float = 0.5,
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+        jitter_p: float = 0.8,
+        gray_p: float = 0.2,
+        seed: int = 0,
+    ) -> None:
+        if level not in AUG_LEVELS:
+            raise ValueError(f"aug_level must be one of {sorted(AUG_LEVELS)}, got {level!r}")
+        for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("gray_p", gray_p)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0, got {padding}")
+        if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+            raise ValueError(f"jitter must be (brightness, contrast, saturation, hue) >= 0 with "
+                             f"hue <= 0.5, got {jitter}")
+        self.level = level
+        self.ops = AUG_LEVELS[level]
+        self.padding = padding
+        self.flip_p = flip_p
+        self.jitter = tuple(float(j) for j in jitter)
+        self.jitter_p = jitter_p
+        self.gray_p = gray_p
+        self.seed = seed
+        self._gens: dict[str, torch.Generator] = {}
+
+    def __repr__(self) -> str:
+        return f"Augment(level={self.level}, ops={self.ops})"
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._gens:
+            self._gens[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._gens[key]
+
+    def _rand(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.rand(n, device=x.device, generator=self._gen(x.device))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"Augment expects a batch (B, C, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError("Augment expects float images in [0, 1]; convert uint8 with x / 255")
+        if not self.ops or len(x) == 0:
+            return x
+        b = len(x)
+        if "crop" in self.ops and self.padding > 0:
+            x = self._crop(x)
+        if "flip" in self.ops:
+            flip = self._rand(b, x) < self.flip_p
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        if "jitter" in self.ops:
+            x = self._color_jitter(x)
+        if "grayscale" in self.ops:
+            if x.shape[1] != 3:
+                raise ValueError(f"grayscale needs 3 channels, got {x.shape[1]}")
+            gray = self._rand(b, x) < self.gray_p
+            x = torch.where(gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+        return x
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.padding
+        xp = F.pad(x, (p, p, p, p))
+        gen = self._gen(x.device)
+        oy = torch.randint(0, 2 * p + 1, (b,), device=x.device, generator=gen)
+        ox = torch.randint(0, 2 * p + 1, (b,), device=x.device, generator=gen)
+        rows = (oy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+        cols = (ox[:, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+        bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+        ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        return xp[bi, ci, rows, cols]
+
+    def _color_jitter(self, x: torch.Tensor) -> torch.Tensor:
+        b = len(x)
+        bri, con, sat, hue = self.jitter
+        apply = (self._rand(b, x) < self.jitter_p).view(-1, 1, 1, 1)
+
+        def factor(span: float) -> torch.Tensor:
+            return 1 + span * (2 * self._rand(b, x) - 1)
+
+        y = (x * factor(bri).view(-1, 1, 1, 1)).clamp(0, 1)
+        if x.shape[1] == 3:
+            mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+            y = _blend(y, mean.expand_as(y), factor(con))
+            y = _blend(y, _gray(y).expand_as(y), factor(sat))
+            if hue > 0:
+                y = _rotate_hue(y, hue * (2 * self._rand(b, x) - 1))
+        else:
+            mean = y.mean(dim=(1, 2, 3), keepdim=True)
+            y = _blend(y, mean.expand_as(y), factor(con))
+        return torch.where(apply, y, x)
+
+
+def augment(x: torch.Tensor, level: int, seed: int = 0) -> torch.Tensor:
+    """Functional form of :class:`Augment`: ``Augment(level, seed=seed)(x)`` (one fresh draw)."""
+    return Augment(level, seed=seed)(x)
+
+
+# --------------------------------------------------------------------------- adversarial training
+def pgd_attack(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    step_size: float | None = None,
+    steps: int = 7,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """l_inf projected gradient ascent (Madry et al., 2018) on ``loss_fn(model(x + delta), y)``.
+
+    ``x`` is in pixel space [0, 1] (the model normalises inside) and ``eps`` is absolute in the same
+    units (``8/255`` for the usual CIFAR budget). Starting from ``delta ~ U[-eps, eps]`` when
+    ``random_start``, each of ``steps`` steps sets
+    ``delta <- Proj(delta + step_size * sign(grad_delta loss))`` where ``Proj`` clips to the
+    eps-ball and keeps ``x + delta`` in [0, 1]. ``step_size`` defaults to ``2.5 * eps / steps``.
+    Returns the detached adversarial images; model parameters get no gradient.
+    """
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0 (absolute, pixel units in [0, 1]), got {eps}")
+    if eps > 1:
+        raise ValueError(f"eps={eps} exceeds the pixel range [0, 1]; pass e.g. 8/255, not 8")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError("pgd_attack expects pixel-space inputs in [0, 1] (normalise inside model)")
+    x = x.detach()
+    if eps == 0:
+        return x
+    loss_fn = loss_fn or F.cross_entropy
+    step_size = 2.5 * eps / steps if step_size is None else step_size
+    if random_start:
+        u = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        delta = (2 * u - 1) * eps
+    else:
+        delta = torch.zeros_like(x)
+    delta = ((x + delta).clamp(0, 1) - x).detach()
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = loss_fn(model(x + delta), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
+        delta = ((x + delta).clamp(0, 1) - x).detach()
+    return (x + delta).detach()
+
+
+# --------------------------------------------------------------------------- losses
+def supcon_loss(z: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al., 2020, L_out) of embeddings ``z`` (N, d).
+
+    With ``u_i = z_i / ||z_i||``, positives ``P(i) = {p != i : y_p = y_i}`` and ``A(i) = {a != i}``:
+
+    ``L = mean_{i : P(i) nonempty} -1/|P(i)| sum_{p in P(i)}
+    log( exp(u_i . u_p / tau) / sum_{a in A(i)} exp(u_i . u_a / tau) )``.
+
+    Several views of one image are simply several rows with the same label (stack them).
+    """
+    if z.ndim != 2 or y.ndim != 1 or len(z) != len(y):
+        raise ValueError(f"z must be (N, d) and y (N,), got {tuple(z.shape)} and {tuple(y.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    u = F.normalize(z.float(), dim=1)
+    logits = u @ u.T / temperature
+    n = len(u)
+    self_mask = torch.eye(n, dtype=torch.bool, device=u.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    pos = (y[:, None] == y[None, :]) & ~self_mask
+    n_pos = pos.sum(1)
+    has = n_pos > 0
+    if not bool(has.any()):
+        raise ValueError("supcon_loss needs at least one pair of rows with the same label")
+    mean_log_prob_pos = log_prob.masked_fill(~pos, 0.0).sum(1)[has] / n_pos[has]
+    return -mean_log_prob_pos.mean()
+
+
+def mse_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Square loss on one-hot targets: ``mean_i ||f(x_i) - e_{y_i}||^2 / 2`` with ``outputs`` (N, K)."""
+    if outputs.ndim != 2 or y.ndim != 1 or len(outputs) != len(y):
+        raise ValueError(f"outputs must be (N, K) and y (N,), got {tuple(outputs.shape)} and "
+                         f"{tuple(y.shape)}")
+    target = F.one_hot(y, outputs.shape[1]).to(outputs.dtype)
+    return 0.5 * (outputs.float() - target.float()).pow(2).sum(1).mean()
+
+
+# --------------------------------------------------------------------------- heads
+def projection_head(dim: int, layers: int, out_dim: int | None = None) -> nn.Module:
+    """A projection head on ``dim``-d features: ``layers`` = 0 none (identity), 1 a linear map,
+    2 or 3 an MLP of that many linear layers with ReLU between them (hidden width ``dim``).
+    ``out_dim`` defaults to ``dim``. Khosla et al.'s SupCon head is ``layers=2, out_dim=128``."""
+    if layers not in (0, 1, 2, 3):
+        raise ValueError(f"proj_head_layers must be 0, 1, 2 or 3, got {layers!r}")
+    out_dim = dim if out_dim is None else out_dim
+    if layers == 0:
+        return nn.Identity()
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        last = i == layers - 1
+        mods.append(nn.Linear(dim, out_dim if last else dim))
+        if not last:
+            mods.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*mods)
+
+
+class _Trainer(nn.Module):
+    """Pixel-space wrapper used while pre-training: normalise, encode, project, classify."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, classifier: nn.Module | None,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.classifier = classifier
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone((x - self.mean) / self.std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.embed(x)
+        return self.classifier(z) if self.classifier is not None else z
+
+
+# --------------------------------------------------------------------------- cache
+def _update_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def config_hash(backbone: nn.Module, source: TensorDataset, **hparams: object) -> str:
+    """SHA-256 (hex, 24 chars) of the backbone's class, its current ``state_dict`` bytes, the source
+    images and labels, and ``hparams`` (JSON, sorted keys)."""
+    h = hashlib.sha256()
+    cls = type(backbone)
+    h.update(f"{_CACHE_VERSION}|{cls.__module__}.{cls.__qualname__}|".encode())
+    for name, t in backbone.state_dict().items():
+        _update_tensor(h, name, t)
+    _update_tensor(h, "source.x", source.x)
+    _update_tensor(h, "source.y", source.y)
+    h.update(json.dumps(hparams, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def cache_path(key: str) -> Path:
+    """Where the weights for cache ``key`` live: ``cache_dir() / f"pretrain-{key}.pt"``."""
+    return cache_dir() / f"pretrain-{key}.pt"
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------- pretrain
+def _validate(backbone: nn.Module, source: TensorDataset, epochs: int, lr: float,
+              batch_size: int, weight_decay: float, aug_level: int,
+              adversarial_eps: float | None, loss: str, proj_head_layers: int,
+              temperature: float) -> None:
+    if not isinstance(backbone, nn.Module):
+        raise ValueError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+    if not isinstance(getattr(backbone, "num_features", None), int):
+        raise ValueError(f"backbone {type(backbone).__name__} needs an integer .num_features "
+                         "(its penultimate feature width)")
+    if not isinstance(source, TensorDataset):
+        raise ValueError(f"source must be an nclab.data.TensorDataset, got {type(source).__name__}"
+                         " (materialize a torchvision dataset with nclab.data.materialize)")
+    if len(source) == 0 or source.num_classes < 2:
+        raise ValueError(f"source needs samples of at least 2 classes, got {source!r}")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if lr <= 0 or weight_decay < 0 or batch_size < 2:
+        raise ValueError(f"need lr > 0, weight_decay >= 0, batch_size >= 2; got lr={lr}, "
+                         f"weight_decay={weight_decay}, batch_size={batch_size}")
+    if aug_level not in AUG_LEVELS:
+        raise ValueError(f"aug_level must be one of {sorted(AUG_LEVELS)}, got {aug_level!r}")
+    if adversarial_eps is not None and not 0 < adversarial_eps <= 255:
+        raise ValueError(f"adversarial_eps is in units of 1/255 (the paper uses 1, 2, 3, 5, 8); "
+                         f"got {adversarial_eps!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss == "supcon" and adversarial_eps is not None:
+        raise ValueError("adversarial training is defined here for the classification losses "
+                         "('ce', 'mse'), not for 'supcon'")
+    if proj_head_layers not in (0, 1, 2, 3):
+        raise ValueError(f"proj_head_layers must be 0, 1, 2 or 3, got {proj_head_layers!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def pretrain(
+    backbone: nn.Module,
+    source: TensorDataset,
+    *,
+    epochs: int,
+    lr: float = 0.05,
+    batch_size: int = 128,
+    weight_decay: float = 5e-4,
+    aug_level: int = 1,
+    adversarial_eps: float | None = None,
+    loss: str = "ce",
+    proj_head_layers: int = 0,
+    temperature: float = 0.1,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    cache: bool = True,
+    progress: bool = True,
+    pgd_steps: int = 7,
+    pgd_step_size: float | None = None,
+    proj_dim: int | None = None,
+    momentum: float = 0.9,
+    amp: bool | None = None,
+) -> nn.Module:
+    """Pre-train ``backbone`` on ``source`` and return it (eval mode, head and classifier dropped).
+
+    Training: SGD (``momentum``, ``weight_decay``) with a cosine learning-rate schedule from ``lr``
+    to 0 over ``epochs`` epochs of shuffled mini-batches of ``batch_size`` (last partial batch
+    dropped when the set is larger than a batch), augmentation level ``aug_level``
+    (:class:`Augment`), then
+
+    * ``loss="ce"``: cross-entropy of ``W g(f(x)) + b``, ``f`` the backbone, ``g`` the projection
+      head (:func:`projection_head`, ``proj_head_layers`` layers) and a linear classifier;
+    * ``loss="mse"``: :func:`mse_loss` of the same outputs against one-hot targets;
+    * ``loss="supcon"``: :func:`supcon_loss` of ``g(f(x))`` over two augmented views of every
+      image, temperature ``temperature`` (``proj_dim`` defaults to 128 here when there is a head).
+
+    ``adversarial_eps`` (units of 1/255, the paper uses 1, 2, 3, 5, 8) trains on l_inf PGD examples
+    (:func:`pgd_attack`, ``pgd_steps`` steps of ``pgd_step_size``, absolute, default
+    ``2.5 * eps / steps``) crafted against the current model in pixel space, after augmentation.
+
+    The backbone is trained in place. With ``cache`` the result is stored under
+    :func:`cache_path` keyed by :func:`config_hash` of the architecture, initial weights, data and
+    all hyper-parameters (not ``device``, ``progress`` or ``amp``), and a later identical call loads
+    it (``torch.load(weights_only=True)``) without training. ``amp`` (default: on with CUDA) runs
+    the forward pass in bfloat16 autocast. Inputs are normalised with ImageNet statistics, as
+    :func:`nclab.data.batches` does by default.
+    """
+    _validate(backbone, source, epochs, lr, batch_size, weight_decay, aug_level, adversarial_eps,
+              loss, proj_head_layers, temperature)
+    dev = torch.device(device) if device is not None else _default_device()
+    hparams = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                   aug_level=aug_level, adversarial_eps=adversarial_eps, loss=loss,
+                   proj_head_layers=proj_head_layers, temperature=temperature, seed=seed,
+                   pgd_steps=pgd_steps, pgd_step_size=pgd_step_size, proj_dim=proj_dim,
+                   momentum=momentum, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    path = None
+    if cache:
+        path = cache_path(config_hash(backbone, source, **hparams))
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            backbone.load_state_dict(state)
+            return backbone.to(dev).eval()
+
+    _train(backbone, source, dev, hparams, amp=dev.type == "cuda" if amp is None else amp,
+           progress=progress)
+    backbone.eval()
+    if path is not None:
+        _atomic_save({k: v.detach().cpu() for k, v in backbone.state_dict().items()}, path)
+        meta = {**hparams, "backbone": type(backbone).__name__, "source": repr(source)}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
+    return backbone
+
+
+def _default_device() -> torch.device:
+    from .runtime import device
+
+    return device()
+
+
+def _train(backbone: nn.Module, source: TensorDataset, dev: torch.device, hp: dict, amp: bool,
+           progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    seed, loss_name = hp["seed"], hp["loss"]
+    d = backbone.num_features
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out_dim = hp["proj_dim"]
+        if out_dim is None and loss_name == "supcon" and hp["proj_head_layers"] > 0:
+            out_dim = 128
+        head = projection_head(d, hp["proj_head_layers"], out_dim)
+        z_dim = d if hp["proj_head_layers"] == 0 else (out_dim or d)
+        classifier = None if loss_name == "supcon" else nn.Linear(z_dim, source.num_classes)
+    model = _Trainer(backbone, head, classifier, hp["mean"], hp["std"]).to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+
+    data = source.to(dev)
+    drop_last = len(data) > hp["batch_size"]
+    loader = batches(data, hp["batch_size"], shuffle=True, device=dev, mean=(0.0, 0.0, 0.0),
+                     std=(1.0, 1.0, 1.0), drop_last=drop_last, seed=seed)
+    aug = Augment(hp["aug_level"], seed=seed)
+    pgd_gen = torch.Generator(device=dev).manual_seed(seed + 1)
+    eps = None if hp["adversarial_eps"] is None else hp["adversarial_eps"] / 255.0
+    crit = mse_loss if loss_name == "mse" else F.cross_entropy
+
+    opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"],
+                          weight_decay=hp["weight_decay"])
+    total = hp["epochs"] * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
+
+    bar = tqdm(range(hp["epochs"]), desc=f"pretrain {loss_name}", disable=not progress,
+               leave=False)
+    for _ in bar:
+        run_loss = torch.zeros((), device=dev)
+        for x, y in loader:
+            if loss_name == "supcon":
+                views = torch.cat([aug(x), aug(x)])
+                if dev.type == "cuda":
+                    views = views.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    z = model.embed(views)
+                batch_loss = supcon_loss(z.float(), torch.cat([y, y]), hp["temperature"])
+            else:
+                xa = aug(x)
+                if dev.type == "cuda":
+                    xa = xa.contiguous(memory_format=torch.channels_last)
+                if eps is not None:
+                    def attack_model(v: torch.Tensor) -> torch.Tensor:
+                        with autocast:
+                            return model(v).float()
+
+                    xa = pgd_attack(attack_model, xa, y, eps, hp["pgd_step_size"],
+                                    hp["pgd_steps"], loss_fn=crit, generator=pgd_gen)
+                with autocast:
+                    out = model(xa)
+                batch_loss = crit(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            opt.step()
+            sched.step()
+            run_loss += batch_loss.detach()
+        if progress:
+            bar.set_postfix(loss=f"{float(run_loss) / len(loader):.3f}")
