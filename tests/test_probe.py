@@ -1,0 +1,73 @@
+"""nclab.probe: agreement with scikit-learn's LogisticRegression, the MLP probe, input checks."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from nclab.data import synthetic_features
+from nclab.probe import linear_probe, mlp_probe, sklearn_C
+
+
+def _problem(seed=0, k=8, d=24, n=60):
+    h, y = synthetic_features(k, n, d, within_std=1.0, between_scale=2.0, seed=seed,
+                              dtype=torch.float32)
+    h = h * torch.linspace(0.1, 10, d)  # badly scaled columns: standardisation matters
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    h, y = h[perm], y[perm]
+    cut = len(y) // 2
+    return h[:cut], y[:cut], h[cut:], y[cut:]
+
+
+@pytest.mark.parametrize("weight_decay", [1e-4, 1e-2])
+def test_linear_probe_agrees_with_sklearn(weight_decay):
+    htr, ytr, hte, yte = _problem()
+    res = linear_probe(htr, ytr, hte, yte, weight_decay=weight_decay)
+    scaler = StandardScaler().fit(htr.double().numpy())
+    ref = LogisticRegression(C=sklearn_C(weight_decay, len(ytr)), max_iter=5000, tol=1e-10)
+    ref.fit(scaler.transform(htr.double().numpy()), ytr.numpy())
+    sk_test = ref.score(scaler.transform(hte.double().numpy()), yte.numpy())
+    sk_train = ref.score(scaler.transform(htr.double().numpy()), ytr.numpy())
+    assert 0.3 < res.test_acc < 0.99  # a problem where accuracy is informative
+    assert abs(res.test_acc - sk_test) <= 0.01
+    assert abs(res.train_acc - sk_train) <= 0.01
+    if weight_decay >= 1e-2:  # well-conditioned: the same optimum, coefficient by coefficient
+        np.testing.assert_allclose(res.weight.numpy(), ref.coef_, atol=2e-3, rtol=2e-3)
+    pred = res.predict(hte).numpy()
+    assert (pred == ref.predict(scaler.transform(hte.double().numpy()))).mean() >= 0.97
+
+
+def test_linear_probe_separable_and_result_fields():
+    htr, ytr = synthetic_features(4, 30, 8, within_std=0.1, between_scale=5, seed=1)
+    res = linear_probe(htr, ytr, htr, ytr, max_iter=50)
+    assert res.train_acc == res.test_acc == 1.0
+    assert res.weight.shape == (4, 8) and res.bias.shape == (4,)
+    assert 1 <= res.iterations <= 50
+    assert isinstance(res.train_acc, float)
+
+
+def test_linear_probe_input_errors():
+    htr, ytr, hte, yte = _problem()
+    with pytest.raises(ValueError, match="widths differ"):
+        linear_probe(htr, ytr, hte[:, :3], yte)
+    bad = htr.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 rows contain NaN"):
+        linear_probe(bad, ytr, hte, yte)
+    with pytest.raises(ValueError, match="integers"):
+        linear_probe(htr, ytr.float(), hte, yte)
+    with pytest.raises(ValueError, match="outside"):
+        linear_probe(htr, ytr, hte, yte, num_classes=3)
+
+
+def test_mlp_probe_learns_and_is_seeded():
+    htr, ytr, hte, yte = _problem(k=4, d=16)
+    a = mlp_probe(htr, ytr, hte, yte, hidden=64, epochs=60, lr=1e-2, seed=3)
+    b = mlp_probe(htr, ytr, hte, yte, hidden=64, epochs=60, lr=1e-2, seed=3)
+    assert a.test_acc == b.test_acc and torch.equal(a.weight, b.weight)
+    lin = linear_probe(htr, ytr, hte, yte)
+    assert a.train_acc >= lin.train_acc - 0.02
+    assert a.test_acc > 0.5
+    mb = mlp_probe(htr, ytr, hte, yte, hidden=1024, epochs=5, batch_size=32, seed=0)
+    assert mb.model[0].out_features == 1024 and mb.iterations == 5 * 4
