@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nclab import pretrain as P
@@ -14,6 +17,15 @@ from nclab.models import ConvNetS
 @pytest.fixture(autouse=True)
 def _tmp_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NCLAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny CPU models on a shared 2-core machine run several times faster on one thread
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _tiny_source(n_per_class: int = 16, k: int = 3) -> TensorDataset:
@@ -81,7 +93,8 @@ def test_config_hash_depends_on_data_and_weights():
 
 def test_pretrain_ce_learns_digits():
     src = class_subset(digits("train"), range(5))
-    net = P.pretrain(_net(), src, epochs=4, batch_size=64, lr=0.1, device="cpu",
+    torch.manual_seed(0)
+    net = P.pretrain(ConvNetS(8, 3), src, epochs=4, batch_size=64, lr=0.1, device="cpu",
                      cache=False, progress=False)
     # features are discriminative: a nearest-class-mean classifier on them beats chance by far
     from nclab.data import batches
@@ -90,7 +103,7 @@ def test_pretrain_ce_learns_digits():
         h = torch.cat([net(x) for x, _ in batches(src, 256)])
     mu = torch.stack([h[src.y == k].mean(0) for k in range(5)])
     acc = (torch.cdist(h, mu).argmin(1) == src.y).float().mean().item()
-    assert acc > 0.6, acc
+    assert acc > 0.8, acc
 
 
 @pytest.mark.parametrize(
@@ -113,3 +126,254 @@ def test_pretrain_rejects_bad_arguments(kwargs, match):
 def test_pretrain_rejects_non_tensor_dataset():
     with pytest.raises(ValueError, match="TensorDataset"):
         P.pretrain(_net(), [(torch.zeros(3, 8, 8), 0)], epochs=1, progress=False)
+
+
+# --------------------------------------------------------------------------- augmentation
+def _imgs(n: int = 6, size: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g)
+
+
+def test_aug_levels_are_cumulative_as_in_the_paper():
+    assert P.AUG_LEVELS[1] == ()
+    for lvl in range(2, 6):
+        assert P.AUG_LEVELS[lvl][:-1] == P.AUG_LEVELS[lvl - 1]
+    assert P.AUG_LEVELS[5] == ("crop", "flip", "jitter", "grayscale")
+    with pytest.raises(ValueError, match="aug_level"):
+        P.Augment(0)
+
+
+def test_level1_is_identity():
+    x = _imgs()
+    assert torch.equal(P.Augment(1, flip_p=1, jitter_p=1, gray_p=1)(x), x)
+
+
+def test_level2_only_translates_with_zero_padding():
+    x = _imgs(n=16)
+    out = P.Augment(2, padding=4, flip_p=1, jitter_p=1, gray_p=1, seed=1)(x)
+    xp = F.pad(x, (4, 4, 4, 4))
+    offsets = []
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(9) for dx in range(9)
+                if torch.equal(out[i], xp[i, :, dy:dy + 12, dx:dx + 12])]
+        assert len(hits) == 1, f"sample {i} is not a pure translation"
+        offsets.append(hits[0])
+    assert len(set(offsets)) > 3, "offsets should be drawn per sample"
+
+
+def test_level3_adds_only_a_flip():
+    x = _imgs()
+    assert torch.equal(P.Augment(3, padding=0, flip_p=1, jitter_p=1, gray_p=1)(x), x.flip(-1))
+    assert torch.equal(P.Augment(3, padding=0, flip_p=0, jitter_p=1, gray_p=1)(x), x)
+    out = P.Augment(3, padding=0, flip_p=0.5, seed=0)(_imgs(n=64))
+    x64 = _imgs(n=64)
+    flipped = torch.tensor([torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x64)])
+    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x64)])
+    assert bool((flipped | kept).all()) and 10 < int(flipped.sum()) < 54
+
+
+def test_level4_adds_colour_jitter_and_nothing_else():
+    x = _imgs()
+    # no jitter strength -> identity; level 4 never grayscales
+    assert torch.allclose(P.Augment(4, padding=0, flip_p=0, jitter=(0, 0, 0, 0), jitter_p=1,
+                                    gray_p=1)(x), x, atol=1e-6)
+    assert torch.equal(P.Augment(4, padding=0, flip_p=0, jitter_p=0, gray_p=1)(x), x)
+    # brightness only: each sample is clamp(b_i * x_i) for one scalar b_i
+    x = 0.5 * _imgs(n=32)
+    out = P.Augment(4, padding=0, flip_p=0, jitter=(0.5, 0, 0, 0), jitter_p=1)(x)
+    ratio = out / x
+    b = ratio.flatten(1)
+    assert torch.allclose(b, b[:, :1].expand_as(b), atol=1e-4)
+    assert 0.5 - 1e-6 <= b.min() and b.max() <= 1.5 + 1e-6 and b[:, 0].std() > 0.05
+    # saturation only: blend of the image with its own gray level
+    x = 0.4 + 0.2 * _imgs(n=32)
+    out = P.Augment(4, padding=0, flip_p=0, jitter=(0, 0, 0.5, 0), jitter_p=1)(x)
+    gray = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    d, e = (x - gray).flatten(1), (out - gray).flatten(1)
+    s = (d * e).sum(1) / (d * d).sum(1)  # least-squares blend factor per sample
+    assert torch.allclose(e, s[:, None] * d, atol=1e-5) and s.std() > 0.05
+    # hue only: the luma of every pixel is kept (no clipping at mid-grey levels)
+    x = 0.4 + 0.2 * _imgs(n=8)
+    out = P.Augment(4, padding=0, flip_p=0, jitter=(0, 0, 0, 0.1), jitter_p=1)(x)
+    luma = lambda t: (t * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)  # noqa: E731
+    assert torch.allclose(luma(out), luma(x), atol=1e-5) and not torch.allclose(out, x)
+
+
+def test_level5_adds_grayscale():
+    x = _imgs()
+    out = P.Augment(5, padding=0, flip_p=0, jitter_p=0, gray_p=1)(x)
+    gray = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+    for c in range(3):
+        assert torch.allclose(out[:, c], gray, atol=1e-6)
+    assert torch.equal(P.Augment(5, padding=0, flip_p=0, jitter_p=0, gray_p=0)(x), x)
+
+
+def test_augment_is_seeded_range_preserving_and_plugs_into_batches():
+    from nclab.data import batches
+
+    x = _imgs(n=32)
+    a = P.Augment(5, seed=3)(x)
+    assert torch.equal(a, P.Augment(5, seed=3)(x)) and not torch.equal(a, P.Augment(5, seed=4)(x))
+    assert a.min() >= 0 and a.max() <= 1 and a.shape == x.shape
+    assert torch.equal(P.augment(x, 5, seed=3), a)
+    ds = _tiny_source()
+    xb, yb = next(iter(batches(ds, 8, augment=P.Augment(3))))
+    assert xb.shape == (8, 3, 16, 16) and yb.shape == (8,)
+    with pytest.raises(ValueError, match="float"):
+        P.Augment(2)(ds.x[:2])
+
+
+# --------------------------------------------------------------------------- PGD
+class _PixelLinear(nn.Module):
+    def __init__(self, d: int, k: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1) - 0.5)
+
+
+def _trained_toy() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    src = _tiny_source(n_per_class=20, k=3)
+    x, y = src.x.float() / 255, src.y
+    torch.manual_seed(0)
+    model = _PixelLinear(x[0].numel(), 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model, x, y
+
+
+def test_pgd_stays_in_ball_and_pixel_range_and_raises_loss():
+    model, x, y = _trained_toy()
+    clean = F.cross_entropy(model(x), y).item()
+    assert (model(x).argmax(1) == y).float().mean() > 0.9
+    for eps in (1 / 255, 3 / 255, 8 / 255):
+        gen = torch.Generator().manual_seed(0)
+        adv = P.pgd_attack(model, x, y, eps, steps=5, generator=gen)
+        assert (adv - x).abs().max() <= eps + 1e-6
+        assert adv.min() >= 0 and adv.max() <= 1
+        assert F.cross_entropy(model(adv), y).item() > clean
+    gen = torch.Generator().manual_seed(0)
+    weak = F.cross_entropy(model(P.pgd_attack(model, x, y, 1 / 255, generator=gen)), y).item()
+    strong = F.cross_entropy(model(P.pgd_attack(model, x, y, 8 / 255, generator=gen)), y).item()
+    assert strong > weak > clean
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_pgd_one_step_matches_the_analytic_gradient_sign():
+    model, x, y = _trained_toy()
+    eps = 4 / 255
+    adv = P.pgd_attack(model, x, y, eps, step_size=eps, steps=1, random_start=False)
+    # d CE / d x = W^T (softmax - onehot) / N for the linear model on flattened pixels
+    w = model.fc.weight.detach().double()
+    p = torch.softmax(model(x).detach().double(), 1) - F.one_hot(y, 3).double()
+    grad = (p @ w).view_as(x)
+    expected = (x.double() + eps * grad.sign()).clamp(0, 1)
+    assert torch.allclose(adv.double(), expected, atol=1e-6)
+
+
+def test_pgd_rejects_bad_inputs():
+    model, x, y = _trained_toy()
+    assert torch.equal(P.pgd_attack(model, x, y, 0.0), x)
+    with pytest.raises(ValueError, match="8/255"):
+        P.pgd_attack(model, x, y, 8)
+    with pytest.raises(ValueError, match="pixel"):
+        P.pgd_attack(model, x * 2 - 1, y, 0.01)
+
+
+def test_adversarial_pretraining_runs_and_differs_from_clean():
+    src = _tiny_source()
+    clean = P.pretrain(_net(), src, epochs=1, batch_size=16, device="cpu", progress=False)
+    adv = P.pretrain(_net(), src, epochs=1, batch_size=16, adversarial_eps=8, pgd_steps=2,
+                     device="cpu", progress=False)
+    assert not _state_equal(clean, adv)
+    assert len(list(P.cache_path("x").parent.glob("pretrain-*.pt"))) == 2
+
+
+# --------------------------------------------------------------------------- losses and heads
+def test_supcon_matches_hand_computed_value():
+    # two tight pairs of orthogonal unit vectors, tau = 1: every anchor has one positive with
+    # similarity 1 and two negatives with similarity 0 -> L = -log(e / (e + 2)) = log(1 + 2/e)
+    z = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    assert P.supcon_loss(z, y, temperature=1.0).item() == pytest.approx(math.log(1 + 2 / math.e))
+    # tau = 0.5 doubles the logits: log(1 + 2 / e^2)
+    assert P.supcon_loss(z, y, 0.5).item() == pytest.approx(math.log(1 + 2 / math.e**2), rel=1e-6)
+
+
+def _supcon_reference(z, y, tau):
+    u = [[float(v) for v in row] for row in F.normalize(z.double(), dim=1)]
+    n, total, anchors = len(u), 0.0, 0
+    for i in range(n):
+        pos = [p for p in range(n) if p != i and y[p] == y[i]]
+        if not pos:
+            continue
+        sims = {a: sum(ui * ua for ui, ua in zip(u[i], u[a])) / tau for a in range(n) if a != i}
+        denom = sum(math.exp(s) for s in sims.values())
+        total += -sum(math.log(math.exp(sims[p]) / denom) for p in pos) / len(pos)
+        anchors += 1
+    return total / anchors
+
+
+def test_supcon_matches_loop_reference_with_uneven_positives():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(9, 5, generator=g)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])  # class 3 has no positive: not an anchor
+    for tau in (0.1, 0.7):
+        assert P.supcon_loss(z, y, tau).item() == pytest.approx(_supcon_reference(z, y, tau),
+                                                                rel=1e-5)
+    with pytest.raises(ValueError, match="same label"):
+        P.supcon_loss(z[:3], torch.tensor([0, 1, 2]))
+
+
+def test_mse_uses_one_hot_targets():
+    out = torch.zeros(4, 3)
+    y = torch.tensor([0, 1, 2, 2])
+    assert P.mse_loss(out, y).item() == pytest.approx(0.5)
+    assert P.mse_loss(F.one_hot(y, 3).float(), y).item() == 0.0
+    out = torch.tensor([[2.0, 0.0, 1.0]])
+    assert P.mse_loss(out, torch.tensor([0])).item() == pytest.approx(0.5 * (1 + 0 + 1))
+    with pytest.raises(ValueError, match="outputs"):
+        P.mse_loss(torch.zeros(4), y)
+
+
+def test_projection_heads():
+    assert isinstance(P.projection_head(8, 0), nn.Identity)
+    lin = P.projection_head(8, 1, 5)
+    assert [type(m) for m in lin] == [nn.Linear] and lin[0].out_features == 5
+    for n in (2, 3):
+        mlp = P.projection_head(8, n, 4)
+        kinds = [type(m) for m in mlp]
+        assert kinds.count(nn.Linear) == n and kinds.count(nn.ReLU) == n - 1
+        assert mlp(torch.zeros(2, 8)).shape == (2, 4)
+    with pytest.raises(ValueError, match="proj_head_layers"):
+        P.projection_head(8, 4)
+
+
+@pytest.mark.parametrize("loss, layers", [("ce", 2), ("mse", 3), ("supcon", 0), ("supcon", 2)])
+def test_head_and_classifier_are_dropped(loss, layers):
+    net = _net()
+    keys = set(net.state_dict())
+    out = P.pretrain(net, _tiny_source(), epochs=1, batch_size=16, loss=loss,
+                     proj_head_layers=layers, aug_level=3, device="cpu", progress=False)
+    assert set(out.state_dict()) == keys
+    assert not any(isinstance(m, nn.Linear) for m in out.modules())
+    assert out(torch.rand(2, 3, 16, 16)).shape == (2, net.num_features)
+
+
+def test_supcon_pretraining_separates_digit_classes():
+    src = class_subset(digits("train"), range(5))
+    torch.manual_seed(0)
+    net = P.pretrain(ConvNetS(8, 3), src, epochs=4, batch_size=64, loss="supcon",
+                     proj_head_layers=2, aug_level=2, lr=0.1, device="cpu", cache=False,
+                     progress=False)
+    from nclab.data import batches
+
+    with torch.no_grad():
+        h = torch.cat([net(x) for x, _ in batches(src, 256)])
+    mu = torch.stack([h[src.y == k].mean(0) for k in range(5)])
+    assert (torch.cdist(h, mu).argmin(1) == src.y).float().mean().item() > 0.8
