@@ -59,6 +59,9 @@ class Profile:
     shots_per_class: images per class for the data-scarcity study (Fig. 8).
     episodes: few-shot episodes per evaluation.
     max_train_per_class: cap on downstream training images per class (None = all).
+    fewshot_dataset: few-shot split family for the few-shot chapter (``nclab.fewshot.load_split``).
+    fewshot_scale: width multiplier of the few-shot backbones (1.0 = the paper's widths).
+    fewshot_epochs: epochs of few-shot pre-training on the meta-train classes (paper: 90).
     """
 
     name: str
@@ -73,6 +76,9 @@ class Profile:
     shots_per_class: tuple[int, ...]
     episodes: int
     max_train_per_class: int | None = None
+    fewshot_dataset: str = "cifar_fs"
+    fewshot_scale: float = 1.0
+    fewshot_epochs: int = 90
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -89,6 +95,9 @@ PROFILES: dict[str, Profile] = {
         models=("convnet_s", "resnet_s"),
         shots_per_class=(3, 10, 32, 100),
         episodes=100,
+        fewshot_dataset="digits_fs",
+        fewshot_scale=0.125,
+        fewshot_epochs=8,
     ),
     "course": Profile(
         name="course",
@@ -104,6 +113,9 @@ PROFILES: dict[str, Profile] = {
         shots_per_class=(3, 10, 32, 100, 316),
         episodes=600,
         max_train_per_class=1000,
+        fewshot_dataset="cifar_fs",
+        fewshot_scale=1.0,
+        fewshot_epochs=20,
     ),
     "paper": Profile(
         name="paper",
@@ -118,6 +130,9 @@ PROFILES: dict[str, Profile] = {
                 "mobilenet_v2", "googlenet", "vit_b32"),
         shots_per_class=(3, 10, 32, 100, 316),
         episodes=600,
+        fewshot_dataset="cifar_fs",
+        fewshot_scale=1.0,
+        fewshot_epochs=90,
     ),
 }
 
