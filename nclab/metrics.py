@@ -1,3 +1,935 @@
-"""(being written)."""
+"""Neural-collapse metrics: streaming per-class statistics and every NC measure, exact and fast.
 
-__all__: list[str] = []
+Notation (paper eq. 4, App. D): features ``h_i`` in R^d with labels ``y_i`` in [0, K); class means
+``mu_k``; global mean ``mu_G`` = the mean of the class means (the paper's convention; the
+sample-weighted mean is an option); ``M~`` the d x K matrix of centred means ``mu_k - mu_G``;
+
+    Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T
+    Sigma_B = (1/K) sum_k (mu_k - mu_G)(mu_k - mu_G)^T = M~ M~^T / K
+    NC1     = (1/K) tr(Sigma_W Sigma_B^+).
+
+Every function takes either a :class:`ClassStats` (accumulated in one streaming pass) or
+``(features, labels)`` directly. Everything is computed in float64, so neither the input dtype
+(bf16, fp16, fp32) nor a global TF32 setting moves the result.
+
+The fast route: ``Sigma_B`` has rank r <= K - 1, so its pseudo-inverse comes from the thin SVD of
+the d x K matrix ``M~`` (done on the CPU: it is tiny); with ``U`` its r left singular vectors and
+``lambda_j = s_j^2 / K`` the non-zero eigenvalues of ``Sigma_B``,
+
+    NC1 = (1/K) sum_j u_j^T Sigma_W u_j / lambda_j,
+
+so only the projections of the centred features on r directions are needed. With
+``(features, labels)`` this takes two passes over the data and O(K d) memory (no d x d matrix); a
+:class:`ClassStats` instead keeps the d x d second moment so that one streaming pass suffices.
+:func:`nc1_lowmem` runs the two-pass route on any re-iterable stream (features too wide for d x d).
+
+Pseudo-inverse tolerance: eigenvalues of ``Sigma_B`` at most ``rtol * lambda_max`` are treated as
+zero, ``rtol = 1e-10`` by default (NumPy's ``pinv`` default, 1e-15, lies below the rounding noise of
+an explicitly formed d x d float64 ``Sigma_B`` once d is in the thousands).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = [
+    "ClassStats",
+    "CollapseReport",
+    "nc1",
+    "nc1_lowmem",
+    "nc1_trace",
+    "cdnv",
+    "numerical_rank",
+    "equinorm",
+    "equiangularity",
+    "etf_error",
+    "self_duality",
+    "ncc_agreement",
+    "collapse_report",
+    "class_means",
+    "simplex_etf",
+]
+
+_F64 = torch.float64
+_DEFAULT_RTOL = 1e-10
+_CHUNK_ELEMS = 1 << 24  # rows per float64 chunk = this // d (128 MiB of float64)
+
+
+# --------------------------------------------------------------------------- input checks
+def _check_features(h: torch.Tensor, name: str = "features") -> None:
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(h).__name__}")
+    if h.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (N, d), got shape {tuple(h.shape)}. Pool feature maps first: "
+            "nclab.features.extract(..., pool='avg') does it for you, or h.mean(dim=(2, 3)) for "
+            "(N, C, H, W) maps / a token average for (N, T, D) transformer outputs."
+        )
+    if h.dtype == torch.bool or h.is_complex():
+        raise ValueError(f"{name} must be real numbers, got dtype {h.dtype}")
+
+
+def _check_labels(y: torch.Tensor, n: int) -> None:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(y).__name__}")
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-D (N,), got shape {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got dtype {y.dtype}")
+    if len(y) != n:
+        raise ValueError(f"features and labels have different lengths: {n} rows vs {len(y)} labels")
+
+
+def _check_same_device(h: torch.Tensor, y: torch.Tensor) -> None:
+    if h.device != y.device:
+        raise ValueError(
+            f"features are on {h.device} but labels on {y.device}: move both to one device"
+        )
+
+
+def _bad_counts(h: torch.Tensor, y: torch.Tensor, k: int) -> tuple[int, int]:
+    """(number of non-finite feature entries, number of labels outside [0, k)), one device sync."""
+    nonfinite = (~torch.isfinite(h)).sum() if h.dtype.is_floating_point else h.new_zeros((),
+                                                                                       dtype=torch.long)
+    bad_y = ((y < 0) | (y >= k)).sum()
+    a, b = torch.stack([nonfinite.long(), bad_y.long()]).tolist()
+    return a, b
+
+
+def _raise_bad(h: torch.Tensor, y: torch.Tensor, k: int, nonfinite: int, bad_y: int) -> None:
+    if nonfinite:
+        nan = int(torch.isnan(h).sum())
+        raise ValueError(
+            f"features contain {nonfinite} non-finite values ({nan} NaN, {nonfinite - nan} +/-Inf) "
+            f"out of {h.numel()}: check the model (e.g. fp16 overflow; try bf16 or fp32)"
+        )
+    if bad_y:
+        vals = torch.unique(y[(y < 0) | (y >= k)]).tolist()
+        shown = ", ".join(map(str, vals[:10])) + (" ..." if len(vals) > 10 else "")
+        raise ValueError(
+            f"{bad_y} labels are outside [0, {k}) (values: {shown}); pass the right num_classes "
+            "or relabel the classes to 0..K-1 (nclab.data.class_subset does it)"
+        )
+
+
+def _infer_k(y: torch.Tensor, num_classes: int | None) -> int:
+    if num_classes is not None:
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        return num_classes
+    if len(y) == 0:
+        raise ValueError("no samples: cannot infer num_classes from empty labels")
+    return int(y.max()) + 1
+
+
+def _class_sums(out: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """out[k] += sum of the rows v[i] with y[i] == k (in place). Atomic index_add_ on GPUs; on
+    CPUs index_put_(accumulate=True), measured several times faster there for (N, d) rows."""
+    if out.device.type == "cpu":
+        return out.index_put_((y,), v, accumulate=True)
+    return out.index_add_(0, y, v)
+
+
+# --------------------------------------------------------------------------- ClassStats
+class ClassStats:
+    """Streaming per-class statistics of features, accumulated in float64.
+
+    Holds per class ``k``: the count ``n_k``, the sum ``sum_i h_i`` and the squared-norm sum
+    ``sum_i ||h_i||^2``; and, unless ``low_memory``, the total second moment
+    ``S = sum_i h_i h_i^T`` (d x d) - or, with ``second_moments=True``, one d x d second moment per
+    class (K d^2 memory; needed by :func:`numerical_rank`). ``update`` accepts any chunking and
+    order; the result does not depend on them (up to float64 rounding).
+
+    Args:
+        num_classes: K; labels must lie in [0, K).
+        dim: feature width d (inferred from the first batch if None).
+        device: where the statistics live (default: the device of the first batch).
+        second_moments: keep per-class second moments (for the numerical rank).
+        low_memory: keep only O(K d) statistics (no d x d). ``nc1`` then needs the features again:
+            use :func:`nc1_lowmem`; every other metric works from these statistics.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int | None = None,
+        device: torch.device | str | None = None,
+        second_moments: bool = False,
+        low_memory: bool = False,
+    ) -> None:
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if dim is not None and (not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"dim must be a positive int or None, got {dim!r}")
+        if second_moments and low_memory:
+            raise ValueError("second_moments=True needs K*d*d memory; it contradicts low_memory=True")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.device = torch.device(device) if device is not None else None
+        self.second_moments = second_moments
+        self.low_memory = low_memory
+        self.counts: torch.Tensor | None = None
+        self.sums: torch.Tensor | None = None
+        self.sq_norms: torch.Tensor | None = None
+        self.second_moment: torch.Tensor | None = None  # (d, d), total
+        self.class_second_moments: torch.Tensor | None = None  # (K, d, d)
+        if dim is not None and self.device is not None:
+            self._allocate(dim, self.device)
+
+    # ---------------------------------------------------------------- state
+    def _allocate(self, dim: int, device: torch.device) -> None:
+        k = self.num_classes
+        self.dim, self.device = dim, device
+        self.counts = torch.zeros(k, dtype=_F64, device=device)
+        self.sums = torch.zeros(k, dim, dtype=_F64, device=device)
+        self.sq_norms = torch.zeros(k, dtype=_F64, device=device)
+        if self.second_moments:
+            self.class_second_moments = torch.zeros(k, dim, dim, dtype=_F64, device=device)
+        elif not self.low_memory:
+            self.second_moment = torch.zeros(dim, dim, dtype=_F64, device=device)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        names = ("counts", "sums", "sq_norms", "second_moment", "class_second_moments")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def reset(self) -> ClassStats:
+        """Zero every statistic (keeps K, d and the device)."""
+        for t in self._tensors().values():
+            t.zero_()
+        return self
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of samples accumulated so far."""
+        return 0 if self.counts is None else int(round(float(self.counts.sum())))
+
+    @property
+    def missing_classes(self) -> list[int]:
+        """Classes in [0, K) without a sample yet."""
+        if self.counts is None:
+            return list(range(self.num_classes))
+        return torch.nonzero(self.counts == 0).flatten().tolist()
+
+    @property
+    def means(self) -> torch.Tensor:
+        """Class means mu_k (K, d), float64; NaN rows for classes without samples."""
+        self._require_data()
+        return self.sums / self.counts[:, None]
+
+    @property
+    def total_second_moment(self) -> torch.Tensor:
+        """S = sum_i h_i h_i^T (d, d), float64."""
+        self._require_data()
+        if self.class_second_moments is not None:
+            return self.class_second_moments.sum(0)
+        if self.second_moment is None:
+            raise ValueError(
+                "this ClassStats was built with low_memory=True and holds no d x d second moment: "
+                "use nclab.metrics.nc1_lowmem(data, ...) (two passes, O(K d) memory) for NC1"
+            )
+        return self.second_moment
+
+    def _require_data(self) -> None:
+        if self.counts is None or float(self.counts.sum()) == 0:
+            raise ValueError("ClassStats is empty: call update(h, y) with some samples first")
+
+    def __repr__(self) -> str:
+        mode = ("per-class second moments" if self.second_moments else
+                "low memory" if self.low_memory else "total second moment")
+        return (f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, device={self.device}, "
+                f"N={self.num_samples}, {mode})")
+
+    # ---------------------------------------------------------------- accumulation
+    @torch.no_grad()
+    def update(self, h: torch.Tensor, y: torch.Tensor) -> ClassStats:
+        """Add a batch: features ``h`` (N, d) of any real dtype, integer labels ``y`` (N,).
+
+        Raises ``ValueError`` on non-2-D features, length mismatch, mixed devices, non-finite
+        features (with how many) and labels outside [0, K) (with which values)."""
+        _check_features(h)
+        _check_labels(y, h.shape[0])
+        _check_same_device(h, y)
+        if self.device is not None and h.device != self.device:
+            raise ValueError(
+                f"features are on {h.device} but this ClassStats lives on {self.device}: move the "
+                "batch (h.to(stats.device)) or build the ClassStats with device=None"
+            )
+        if self.dim is not None and h.shape[1] != self.dim:
+            raise ValueError(f"features have {h.shape[1]} columns but this ClassStats has dim "
+                             f"{self.dim}")
+        if h.shape[0] == 0:
+            return self
+        if self.counts is None:
+            self._allocate(h.shape[1], h.device)
+        h64 = h.to(_F64)
+        y = y.long()
+        k = self.num_classes
+        # one device sync checks both: NaN/Inf propagate into the class sums, and the (clamped)
+        # labels are range-checked before anything is added to the state
+        batch_sums = _class_sums(torch.zeros_like(self.sums), y.clamp(0, k - 1), h64)
+        flags = torch.stack([((y < 0) | (y >= k)).sum(),
+                             (~torch.isfinite(batch_sums)).sum()]).tolist()
+        if flags[0] or flags[1]:
+            nonfinite = int((~torch.isfinite(h)).sum()) if h.dtype.is_floating_point else 0
+            if flags[1] and not nonfinite:
+                raise ValueError("feature sums overflow float64: rescale the features")
+            _raise_bad(h, y, k, nonfinite, flags[0])
+        self.counts += torch.bincount(y, minlength=k).to(_F64)
+        self.sums += batch_sums
+        self.sq_norms.index_add_(0, y, torch.linalg.vector_norm(h64, dim=1) ** 2)
+        if self.class_second_moments is not None:
+            order = torch.argsort(y)
+            ys, hs = y[order], h64[order]
+            classes, sizes = torch.unique_consecutive(ys, return_counts=True)
+            start = 0
+            for k, n_k in zip(classes.tolist(), sizes.tolist()):
+                hk = hs[start:start + n_k]
+                self.class_second_moments[k] += hk.T @ hk
+                start += n_k
+        elif self.second_moment is not None:
+            self.second_moment += h64.T @ h64
+        return self
+
+    def _compatible(self, other: ClassStats) -> None:
+        if not isinstance(other, ClassStats):
+            raise TypeError(f"can only merge a ClassStats, got {type(other).__name__}")
+        if other.num_classes != self.num_classes:
+            raise ValueError(f"cannot merge ClassStats with {other.num_classes} classes into one "
+                             f"with {self.num_classes}")
+        if (other.second_moments, other.low_memory) != (self.second_moments, self.low_memory):
+            raise ValueError("cannot merge ClassStats built with different second_moments / "
+                             "low_memory options")
+        if self.dim is not None and other.dim is not None and self.dim != other.dim:
+            raise ValueError(f"cannot merge ClassStats of dim {other.dim} into dim {self.dim}")
+
+    @torch.no_grad()
+    def merge(self, other: ClassStats) -> ClassStats:
+        """Add ``other``'s statistics into ``self`` in place (moved to ``self``'s device)."""
+        self._compatible(other)
+        if other.counts is None:
+            return self
+        if self.counts is None:
+            self._allocate(other.dim, self.device if self.device is not None else other.device)
+        for name, t in other._tensors().items():
+            getattr(self, name).add_(t.to(self.device))
+        return self
+
+    @torch.no_grad()
+    def sync(self, group=None) -> ClassStats:
+        """Sum the statistics of every ``torch.distributed`` rank into every rank (all-reduce).
+
+        Call it once, after the last ``update`` on each rank. A no-op when ``torch.distributed`` is
+        not initialised (single process). Ranks that saw no data take part with zeros."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        dev = self.device
+        if dev is None:
+            dev = torch.device("cuda", torch.cuda.current_device()) if (
+                dist.get_backend(group) == "nccl") else torch.device("cpu")
+        dim = torch.tensor([self.dim or 0], dtype=torch.long, device=dev)
+        dist.all_reduce(dim, op=dist.ReduceOp.MAX, group=group)
+        dim = int(dim)
+        if dim == 0:
+            return self
+        if self.dim is not None and self.dim != dim:
+            raise ValueError(f"ranks disagree on the feature width: {self.dim} here, {dim} elsewhere")
+        if self.counts is None:
+            self._allocate(dim, dev)
+        for t in self._tensors().values():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return self
+
+    def to(self, device: torch.device | str) -> ClassStats:
+        """Move the statistics to ``device`` (in place); returns ``self``."""
+        device = torch.device(device)
+        for name, t in self._tensors().items():
+            setattr(self, name, t.to(device))
+        self.device = device
+        return self
+
+
+# --------------------------------------------------------------------------- moments
+@dataclass
+class _Moments:
+    """First-order statistics of the present classes, with within-class sums of squares."""
+
+    counts: torch.Tensor  # (K',) float64
+    means: torch.Tensor  # (K', d) float64
+    within_ss: torch.Tensor  # (K',) sum_{i in k} ||h_i - mu_k||^2
+    classes: list[int]  # original indices of the present classes
+    num_classes: int  # K before dropping missing classes
+
+    @property
+    def k(self) -> int:
+        return len(self.classes)
+
+    @property
+    def n(self) -> float:
+        return float(self.counts.sum())
+
+
+def _present(counts: torch.Tensor, allow_missing: bool) -> torch.Tensor:
+    missing = torch.nonzero(counts == 0).flatten().tolist()
+    if missing and not allow_missing:
+        shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        raise ValueError(
+            f"{len(missing)} of {len(counts)} classes have no samples (classes {shown}): pass "
+            "num_classes matching the data, or allow_missing=True to drop them"
+        )
+    if missing:
+        warnings.warn(f"dropping {len(missing)} classes without samples: {missing[:20]}",
+                      stacklevel=3)
+    present = torch.nonzero(counts > 0).flatten()
+    if len(present) < 2:
+        raise ValueError(f"collapse metrics need at least two classes with samples, got "
+                         f"{len(present)}")
+    return present
+
+
+def _moments_from_stats(stats: ClassStats, allow_missing: bool) -> _Moments:
+    stats._require_data()
+    keep = _present(stats.counts, allow_missing)
+    counts = stats.counts[keep]
+    means = stats.sums[keep] / counts[:, None]
+    within = (stats.sq_norms[keep] - counts * (means * means).sum(1)).clamp_min(0)
+    return _Moments(counts, means, within, keep.tolist(), stats.num_classes)
+
+
+def _chunked(h: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    rows = max(1, _CHUNK_ELEMS // max(1, h.shape[1]))
+    return [(h[i:i + rows], y[i:i + rows]) for i in range(0, max(1, len(h)), rows)]
+
+
+def _centred_pass(
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]], means_all: torch.Tensor
+) -> torch.Tensor:
+    """Per-class sum of ||h - mu_y||^2 from exact centred features (``means_all`` (K, d))."""
+    within = torch.zeros(means_all.shape[0], dtype=_F64, device=means_all.device)
+    for h, y in data:
+        if h.shape[0] == 0:
+            continue
+        y = y.to(means_all.device).long()
+        c = h.to(device=means_all.device, dtype=_F64) - means_all[y]
+        within.index_add_(0, y, torch.linalg.vector_norm(c, dim=1) ** 2)
+    return within
+
+
+def _features_sums(
+    h: torch.Tensor, y: torch.Tensor, num_classes: int | None, allow_missing: bool
+) -> tuple[_Moments, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Pass 1 over in-memory features: class counts and means (``within_ss`` not yet exact)."""
+    _check_features(h)
+    _check_labels(y, h.shape[0])
+    _check_same_device(h, y)
+    k = _infer_k(y, num_classes)
+    chunks = _chunked(h, y)
+    stats = ClassStats(k, low_memory=True)
+    for hc, yc in chunks:
+        stats.update(hc, yc)
+    mom = _moments_from_stats(stats, allow_missing)
+    return mom, chunks, stats.means.nan_to_num(0.0)
+
+
+def _features_moments(
+    h: torch.Tensor, y: torch.Tensor, num_classes: int | None, allow_missing: bool
+) -> _Moments:
+    """Class moments of in-memory features with exact (centred) within-class sums of squares."""
+    mom, chunks, means_all = _features_sums(h, y, num_classes, allow_missing)
+    within = _centred_pass(chunks, means_all)
+    mom.within_ss = within[mom.classes]
+    return mom
+
+
+def _proj_pass(
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    means_all: torch.Tensor,
+    u_scaled: torch.Tensor,
+) -> torch.Tensor:
+    """sum_i ||(h_i - mu_{y_i}) U Lambda^{-1/2}||^2, as h U - (M U)[y] (one GEMM per chunk)."""
+    mu_u = means_all @ u_scaled
+    proj = torch.zeros((), dtype=_F64, device=means_all.device)
+    for h, y in data:
+        _check_features(h)
+        _check_labels(y, h.shape[0])
+        if h.shape[0] == 0:
+            continue
+        y = y.to(means_all.device).long()
+        p = h.to(device=means_all.device, dtype=_F64) @ u_scaled
+        p -= mu_u[y]
+        proj += (p * p).sum()
+    return proj
+
+
+def _resolve(x, labels, num_classes, allow_missing, fn: str) -> tuple[_Moments, ClassStats | None]:
+    if isinstance(x, ClassStats):
+        if labels is not None:
+            raise ValueError(f"{fn}(stats) takes no labels: they are already in the ClassStats")
+        if num_classes is not None and num_classes != x.num_classes:
+            raise ValueError(f"num_classes={num_classes} disagrees with the ClassStats "
+                             f"({x.num_classes} classes)")
+        return _moments_from_stats(x, allow_missing), x
+    if labels is None:
+        raise ValueError(f"{fn} needs a ClassStats, or features and labels: {fn}(H, y)")
+    return _features_moments(x, labels, num_classes, allow_missing), None
+
+
+# --------------------------------------------------------------------------- between-class part
+def _global_mean(mom: _Moments, global_mean: str) -> torch.Tensor:
+    if global_mean == "classes":
+        return mom.means.mean(0)
+    if global_mean == "weighted":
+        return (mom.counts[:, None] * mom.means).sum(0) / mom.counts.sum()
+    raise ValueError(f"global_mean must be 'classes' (paper: mean of class means) or 'weighted' "
+                     f"(sample-weighted), got {global_mean!r}")
+
+
+def _centred_means(mom: _Moments, global_mean: str = "classes") -> torch.Tensor:
+    """M~ as (K', d): rows mu_k - mu_G."""
+    return mom.means - _global_mean(mom, global_mean)
+
+
+def _sigma_b_eig(m_tilde: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-zero eigenpairs of Sigma_B = M~^T M~ / K from the thin SVD of M~ (K', d), on the CPU.
+
+    Returns ``U`` (d, r) on M~'s device and ``lambda`` (r,), keeping lambda > rtol * lambda_max."""
+    k = m_tilde.shape[0]
+    _, s, vh = torch.linalg.svd(m_tilde.cpu(), full_matrices=False)
+    lam = s * s / k
+    if float(lam.max()) == 0:
+        raise ValueError("all class means coincide (Sigma_B = 0): NC1 is undefined")
+    keep = lam > rtol * lam.max()
+    return vh[keep].T.contiguous().to(m_tilde.device), lam[keep].to(m_tilde.device)
+
+
+# --------------------------------------------------------------------------- NC1
+def nc1(
+    x: ClassStats | torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    global_mean: str = "classes",
+    rtol: float = _DEFAULT_RTOL,
+    allow_missing: bool = False,
+) -> float:
+    """NC1 = (1/K) tr(Sigma_W Sigma_B^+) (paper eq. 4); smaller = more collapsed.
+
+    ``x`` is a :class:`ClassStats` or features (N, d) with ``labels``. K = ``num_classes`` if
+    given, else the largest label + 1. ``global_mean``: ``"classes"`` (paper, mean of the class
+    means) or ``"weighted"`` (sample-weighted). Eigenvalues of Sigma_B <= ``rtol * lambda_max`` count
+    as zero. Classes without samples raise unless ``allow_missing`` (then dropped, K shrinks)."""
+    if isinstance(x, ClassStats):
+        mom, stats = _resolve(x, labels, num_classes, allow_missing, "nc1")
+        u, lam = _sigma_b_eig(_centred_means(mom, global_mean), rtol)
+        s = stats.total_second_moment
+        mu_u = mom.means @ u  # (K', r)
+        quad = ((s @ u) * u).sum(0) - (mom.counts[:, None] * mu_u * mu_u).sum(0)
+        w = quad.clamp_min(0) / mom.n  # u_j^T Sigma_W u_j
+        return float((w / lam).sum()) / mom.k
+    if labels is None:
+        raise ValueError("nc1 needs a ClassStats, or features and labels: nc1(H, y)")
+    mom, chunks, means_all = _features_sums(x, labels, num_classes, allow_missing)
+    u, lam = _sigma_b_eig(_centred_means(mom, global_mean), rtol)
+    proj = _proj_pass(chunks, means_all, u / lam.sqrt())
+    return float(proj) / mom.n / mom.k
+
+
+def nc1_lowmem(
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]] | Callable[[], Iterable],
+    num_classes: int,
+    *,
+    device: torch.device | str | None = None,
+    global_mean: str = "classes",
+    rtol: float = _DEFAULT_RTOL,
+    allow_missing: bool = False,
+    progress: bool = False,
+) -> float:
+    """NC1 with O(K d) memory in two passes over ``data`` - for very wide features.
+
+    ``data`` yields ``(h, y)`` batches and must be re-iterable (a list, ``nclab.data.batches``-style
+    object) or be a zero-argument callable returning a fresh iterable (e.g. a generator function
+    that runs the model). Pass 1 accumulates class means; pass 2 projects the centred features on
+    the r <= K-1 eigenvectors of Sigma_B. Same number as :func:`nc1` up to float64 rounding."""
+
+    def stream() -> Iterator:
+        it = data() if callable(data) else data
+        if not callable(data) and iter(it) is it:
+            raise ValueError("nc1_lowmem needs two passes: pass a re-iterable (list, batches "
+                             "object) or a callable returning a fresh iterator, not an iterator")
+        if progress:
+            from tqdm.auto import tqdm
+
+            return iter(tqdm(it, desc="nc1_lowmem", leave=False))
+        return iter(it)
+
+    stats = ClassStats(num_classes, device=device, low_memory=True)
+    for h, y in stream():
+        stats.update(h if device is None else h.to(device), y if device is None else y.to(device))
+    mom = _moments_from_stats(stats, allow_missing)
+    u, lam = _sigma_b_eig(_centred_means(mom, global_mean), rtol)
+    proj = _proj_pass(stream(), stats.means.nan_to_num(0.0), u / lam.sqrt())
+    return float(proj) / mom.n / mom.k
+
+
+def nc1_trace(
+    x: ClassStats | torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    global_mean: str = "classes",
+    allow_missing: bool = False,
+) -> float:
+    """Trace-ratio NC1: tr(Sigma_W) / tr(Sigma_B), no pseudo-inverse."""
+    mom, _ = _resolve(x, labels, num_classes, allow_missing, "nc1_trace")
+    tr_w = float(mom.within_ss.sum()) / mom.n
+    m = _centred_means(mom, global_mean)
+    return tr_w / (float((m * m).sum()) / mom.k)
+
+
+def cdnv(
+    x: ClassStats | torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    allow_missing: bool = False,
+) -> float:
+    """Class-distance normalised variance (Galanti et al. 2022), averaged over class pairs i != j:
+
+    (Var_i + Var_j) / (2 ||mu_i - mu_j||^2),  Var_k = (1/n_k) sum_{i in k} ||h_i - mu_k||^2."""
+    mom, _ = _resolve(x, labels, num_classes, allow_missing, "cdnv")
+    var = mom.within_ss / mom.counts
+    dist2 = _pairwise_sq(mom.means)
+    k = mom.k
+    off = ~torch.eye(k, dtype=torch.bool, device=dist2.device)
+    ratio = (var[:, None] + var[None, :]) / (2 * dist2)
+    return float(ratio[off].mean())
+
+
+def _pairwise_sq(m: torch.Tensor) -> torch.Tensor:
+    """||m_i - m_j||^2 for all rows, from exact differences (no Gram cancellation), in blocks."""
+    k, d = m.shape
+    rows = max(1, _CHUNK_ELEMS // max(1, k * d))
+    out = torch.empty(k, k, dtype=m.dtype, device=m.device)
+    for i in range(0, k, rows):
+        diff = m[i:i + rows, None, :] - m[None, :, :]
+        out[i:i + rows] = (diff * diff).sum(-1)
+    return out
+
+
+def _power_top_eig(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor,
+                   tol: float, max_iter: int) -> float:
+    """Largest eigenvalue of a PSD operator by power iteration (Rayleigh quotient)."""
+    v = v0 / v0.norm()
+    lam_prev = 0.0
+    for it in range(max_iter):
+        w = matvec(v)
+        lam_t = (v * w).sum()
+        nrm = w.norm()
+        if float(nrm) == 0.0:
+            return 0.0
+        v = w / nrm
+        if it % 4 == 3 or it == max_iter - 1:
+            lam = float(lam_t)
+            if abs(lam - lam_prev) <= tol * abs(lam):
+                return lam
+            lam_prev = lam
+    return float((v * matvec(v)).sum())
+
+
+def numerical_rank(
+    x: ClassStats | torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    allow_missing: bool = False,
+    tol: float = 1e-13,
+    max_iter: int = 2000,
+) -> float:
+    """Numerical rank (paper App. D): (1/K) sum_k ||H_k||_F^2 / ||H_k||_2^2 over each class's
+    uncentred feature matrix H_k; the spectral norm comes from power iteration (relative change of
+    the Rayleigh quotient <= ``tol``, at most ``max_iter`` steps). Takes features, or a
+    ``ClassStats(..., second_moments=True)``."""
+    gen = torch.Generator().manual_seed(0)
+    if isinstance(x, ClassStats):
+        if num_classes is not None and num_classes != x.num_classes:
+            raise ValueError(f"num_classes={num_classes} disagrees with the ClassStats")
+        if x.class_second_moments is None:
+            raise ValueError("numerical_rank needs per-class second moments: build the ClassStats "
+                             "with second_moments=True (K*d*d memory), or pass features and labels")
+        x._require_data()
+        keep = _present(x.counts, allow_missing).tolist()
+        ranks = []
+        for k in keep:
+            s_k = x.class_second_moments[k]
+            v0 = x.sums[k] + 1e-3 * x.sums[k].norm() * torch.randn(
+                x.dim, generator=gen, dtype=_F64).to(s_k.device)
+            if float(v0.norm()) == 0:
+                v0 = torch.ones(x.dim, dtype=_F64, device=s_k.device)
+            top = _power_top_eig(lambda v, s_k=s_k: s_k @ v, v0, tol, max_iter)
+            ranks.append(float(x.sq_norms[k]) / top if top > 0 else 0.0)
+        return sum(ranks) / len(ranks)
+    if labels is None:
+        raise ValueError("numerical_rank needs a ClassStats or features and labels")
+    h, y = x, labels
+    _check_features(h)
+    _check_labels(y, h.shape[0])
+    _check_same_device(h, y)
+    k_all = _infer_k(y, num_classes)
+    nonfinite, bad_y = _bad_counts(h, y, k_all)
+    if nonfinite or bad_y:
+        _raise_bad(h, y, k_all, nonfinite, bad_y)
+    counts = torch.bincount(y.long(), minlength=k_all).to(_F64)
+    keep = _present(counts, allow_missing).tolist()
+    order = torch.argsort(y)
+    hs, ys = h[order], y[order].long()
+    bounds = torch.cumsum(torch.bincount(ys, minlength=k_all), 0).tolist()
+    ranks = []
+    for k in keep:
+        hk = hs[(bounds[k - 1] if k else 0):bounds[k]].to(_F64)
+        v0 = hk.sum(0)
+        v0 = v0 + 1e-3 * v0.norm() * torch.randn(h.shape[1], generator=gen, dtype=_F64).to(h.device)
+        if float(v0.norm()) == 0:
+            v0 = torch.ones(h.shape[1], dtype=_F64, device=h.device)
+        if hk.shape[0] < hk.shape[1]:  # iterate in the smaller space
+            v0 = hk @ v0
+            top = _power_top_eig(lambda v, hk=hk: hk @ (hk.T @ v), v0, tol, max_iter)
+        else:
+            top = _power_top_eig(lambda v, hk=hk: hk.T @ (hk @ v), v0, tol, max_iter)
+        fro = float((hk * hk).sum())
+        ranks.append(fro / top if top > 0 else 0.0)
+    return sum(ranks) / len(ranks)
+
+
+# --------------------------------------------------------------------------- NC2 - NC4
+def class_means(
+    x: ClassStats | torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Class means mu_k (K, d) in float64 (NaN rows for classes without samples)."""
+    if isinstance(x, ClassStats):
+        return x.means
+    if labels is None:
+        raise ValueError("class_means needs a ClassStats, or features and labels")
+    _check_features(x)
+    _check_labels(labels, x.shape[0])
+    _check_same_device(x, labels)
+    stats = ClassStats(_infer_k(labels, num_classes), low_memory=True)
+    for hc, yc in _chunked(x, labels):
+        stats.update(hc, yc)
+    return stats.means
+
+
+def equinorm(
+    x: ClassStats | torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    global_mean: str = "classes",
+    allow_missing: bool = False,
+) -> float:
+    """NC2 equinorm: std / mean of the norms ||mu_k - mu_G|| (population std; 0 = equal norms)."""
+    mom, _ = _resolve(x, labels, num_classes, allow_missing, "equinorm")
+    norms = _centred_means(mom, global_mean).norm(dim=1)
+    return float(norms.std(correction=0) / norms.mean())
+
+
+def equiangularity(
+    x: ClassStats | torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    global_mean: str = "classes",
+    allow_missing: bool = False,
+) -> float:
+    """NC2 equiangularity: population std of the cosines between centred means mu_i - mu_G,
+    mu_j - mu_G over pairs i != j (0 = all angles equal, as in a simplex ETF)."""
+    mom, _ = _resolve(x, labels, num_classes, allow_missing, "equiangularity")
+    m = _centred_means(mom, global_mean)
+    m = m / m.norm(dim=1, keepdim=True)
+    cos = m @ m.T
+    off = ~torch.eye(mom.k, dtype=torch.bool, device=m.device)
+    return float(cos[off].std(correction=0))
+
+
+def _etf_distance(g: torch.Tensor) -> float:
+    k = g.shape[0]
+    etf = torch.eye(k, dtype=_F64, device=g.device) - 1.0 / k
+    return float((g / g.norm() - etf / etf.norm()).norm())
+
+
+def etf_error(
+    x: ClassStats | torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    global_mean: str = "classes",
+    allow_missing: bool = False,
+) -> float:
+    """NC2 distance to a simplex ETF: || G/||G||_F - (I - 11^T/K)/||I - 11^T/K||_F ||_F with
+    G = M~^T M~ the K x K Gram of the centred class means (0 = simplex ETF, up to scale)."""
+    mom, _ = _resolve(x, labels, num_classes, allow_missing, "etf_error")
+    m = _centred_means(mom, global_mean)
+    return _etf_distance(m @ m.T)
+
+
+def self_duality(
+    x: ClassStats | torch.Tensor,
+    W: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    global_mean: str = "classes",
+    allow_missing: bool = False,
+) -> float:
+    """NC3 self-duality: || W/||W||_F - M~^T/||M~||_F ||_F^2 for a K x d classifier W (rows w_k),
+    M~^T the K x d matrix of centred class means (0 = classifier aligned with the means)."""
+    if not isinstance(W, torch.Tensor) or W.ndim != 2:
+        raise ValueError("W must be the (K, d) classifier weight, e.g. model.fc.weight; call "
+                         "self_duality(stats, W) or self_duality(features, W, labels=y)")
+    mom, _ = _resolve(x, labels, num_classes, allow_missing, "self_duality")
+    m = _centred_means(mom, global_mean)
+    if W.shape[0] != mom.num_classes or W.shape[1] != m.shape[1]:
+        raise ValueError(f"W has shape {tuple(W.shape)}; expected (K, d) = "
+                         f"({mom.num_classes}, {m.shape[1]})")
+    w = W.detach().to(device=m.device, dtype=_F64)[mom.classes]
+    return float(((w / w.norm() - m / m.norm()) ** 2).sum())
+
+
+@torch.no_grad()
+def ncc_agreement(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor | None = None,
+    *,
+    means: ClassStats | torch.Tensor | None = None,
+    num_classes: int | None = None,
+) -> float:
+    """NC4: the fraction of samples where the classifier argmax_k (W h + b)_k equals the nearest
+    class mean argmin_k ||h - mu_k|| (means from ``means`` - a ClassStats or a (K, d) tensor, e.g.
+    the training means - else from these features and labels)."""
+    _check_features(features)
+    _check_labels(labels, features.shape[0])
+    _check_same_device(features, labels)
+    k = W.shape[0] if num_classes is None else num_classes
+    if isinstance(means, ClassStats):
+        mu = means.means
+    elif means is None:
+        mu = class_means(features, labels, num_classes=k)
+    else:
+        mu = means.to(_F64)
+    if mu.shape[0] != W.shape[0]:
+        raise ValueError(f"{mu.shape[0]} class means but W has {W.shape[0]} rows")
+    mu = mu.to(features.device)
+    present = ~torch.isnan(mu).any(1)
+    agree = 0
+    for hc, _ in _chunked(features, labels):
+        h64 = hc.to(_F64)
+        logits = h64 @ W.detach().to(device=hc.device, dtype=_F64).T
+        if b is not None:
+            logits = logits + b.detach().to(device=hc.device, dtype=_F64)
+        d2 = (h64 * h64).sum(1, keepdim=True) - 2 * h64 @ mu.nan_to_num(0).T + (mu * mu).sum(1)
+        d2 = d2.masked_fill(~present, math.inf)
+        agree += int((logits.argmax(1) == d2.argmin(1)).sum())
+    return agree / max(1, features.shape[0])
+
+
+# --------------------------------------------------------------------------- report, ETF
+@dataclass
+class CollapseReport:
+    """Every collapse metric at once (None where the inputs did not allow it)."""
+
+    nc1: float | None
+    nc1_trace: float
+    cdnv: float
+    equinorm: float
+    equiangularity: float
+    etf_error: float
+    numerical_rank: float | None = None
+    self_duality: float | None = None
+    ncc_agreement: float | None = None
+    num_classes: int = 0
+    num_samples: int = 0
+    dim: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def collapse_report(
+    x: ClassStats | torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    W: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    global_mean: str = "classes",
+    allow_missing: bool = False,
+) -> CollapseReport:
+    """All collapse metrics of a ClassStats or of (features, labels); with the classifier ``W``
+    (and ``b``) also NC3 self-duality and (features only) NC4 agreement. NC1 of a low-memory
+    ClassStats and the numerical rank of a ClassStats without per-class moments are None."""
+    kw = dict(num_classes=num_classes, allow_missing=allow_missing)
+    with warnings.catch_warnings():
+        if allow_missing:
+            warnings.simplefilter("ignore")
+        is_stats = isinstance(x, ClassStats)
+        if is_stats:
+            mom, _ = _resolve(x, labels, num_classes, allow_missing, "collapse_report")
+            dim = x.dim
+        else:
+            mom, _ = _resolve(x, labels, num_classes, allow_missing, "collapse_report")
+            dim = x.shape[1]
+        nc1_val = None if (is_stats and x.low_memory) else nc1(
+            x, labels, global_mean=global_mean, **kw)
+        rank = None
+        if not is_stats or x.second_moments:
+            rank = numerical_rank(x, labels, **kw)
+        return CollapseReport(
+            nc1=nc1_val,
+            nc1_trace=nc1_trace(x, labels, global_mean=global_mean, **kw),
+            cdnv=cdnv(x, labels, **kw),
+            equinorm=equinorm(x, labels, global_mean=global_mean, **kw),
+            equiangularity=equiangularity(x, labels, global_mean=global_mean, **kw),
+            etf_error=etf_error(x, labels, global_mean=global_mean, **kw),
+            numerical_rank=rank,
+            self_duality=None if W is None else self_duality(
+                x, W, labels, global_mean=global_mean, **kw),
+            ncc_agreement=None if (W is None or is_stats) else ncc_agreement(
+                x, labels, W, b, num_classes=mom.num_classes),
+            num_classes=mom.k,
+            num_samples=int(round(mom.n)),
+            dim=dim,
+        )
+
+
+def simplex_etf(num_classes: int, dim: int | None = None, *, scale: float = 1.0,
+                seed: int | None = None) -> torch.Tensor:
+    """A simplex equiangular tight frame: K unit vectors (rows, (K, dim)) with pairwise cosine
+    -1/(K-1), i.e. M = sqrt(K/(K-1)) P (I - 11^T/K) for a d x K partial isometry P. ``dim``
+    defaults to K - 1 (the smallest space that holds it); ``seed`` draws a random rotation."""
+    k = num_classes
+    if not isinstance(k, int) or k < 2:
+        raise ValueError(f"a simplex ETF needs num_classes >= 2, got {k!r}")
+    d = k - 1 if dim is None else dim
+    if d < k - 1:
+        raise ValueError(f"a K={k} simplex ETF needs dim >= K-1 = {k - 1}, got {d}")
+    centred = torch.eye(k, dtype=_F64) - 1.0 / k
+    # orthonormal basis of the (K-1)-dim space orthogonal to 1: first K-1 left singular vectors
+    basis, _, _ = torch.linalg.svd(centred)
+    coords = centred @ basis[:, : k - 1]  # (K, K-1), rows have norm sqrt((K-1)/K)
+    coords = coords * math.sqrt(k / (k - 1))
+    rot = torch.eye(d, dtype=_F64)[: k - 1]  # (K-1, d)
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=_F64))
+        rot = q[: k - 1]
+    return scale * coords @ rot

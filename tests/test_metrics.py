@@ -1,0 +1,382 @@
+"""nclab.metrics against an independent float64 NumPy implementation of the same formulas."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from nclab import metrics as M
+from nclab.metrics import ClassStats
+
+# --------------------------------------------------------------------------- NumPy reference
+
+
+def ref_parts(H, y, K, weighted=False):
+    H = np.asarray(H, dtype=np.float64)
+    y = np.asarray(y)
+    n = np.array([np.sum(y == k) for k in range(K)], dtype=np.float64)
+    mus = np.stack([H[y == k].mean(axis=0) for k in range(K)])
+    mu_g = (n[:, None] * mus).sum(0) / n.sum() if weighted else mus.mean(axis=0)
+    C = H - mus[y]
+    sigma_w = C.T @ C / len(H)
+    Mt = mus - mu_g
+    sigma_b = Mt.T @ Mt / K
+    return n, mus, Mt, sigma_w, sigma_b, C
+
+
+def ref_nc1(H, y, K, weighted=False):
+    _, _, _, sw, sb, _ = ref_parts(H, y, K, weighted)
+    return float(np.trace(sw @ np.linalg.pinv(sb, rcond=1e-10, hermitian=True)) / K)
+
+
+def ref_nc1_trace(H, y, K):
+    _, _, _, sw, sb, _ = ref_parts(H, y, K)
+    return float(np.trace(sw) / np.trace(sb))
+
+
+def ref_cdnv(H, y, K):
+    n, mus, _, _, _, C = ref_parts(H, y, K)
+    var = np.array([np.sum(C[np.asarray(y) == k] ** 2) / n[k] for k in range(K)])
+    vals = [(var[i] + var[j]) / (2 * np.sum((mus[i] - mus[j]) ** 2))
+            for i in range(K) for j in range(K) if i != j]
+    return float(np.mean(vals))
+
+
+def ref_numerical_rank(H, y, K):
+    H, y = np.asarray(H, np.float64), np.asarray(y)
+    return float(np.mean([np.linalg.norm(H[y == k], "fro") ** 2 / np.linalg.norm(H[y == k], 2) ** 2
+                          for k in range(K)]))
+
+
+def ref_nc2(H, y, K):
+    _, _, Mt, _, _, _ = ref_parts(H, y, K)
+    norms = np.linalg.norm(Mt, axis=1)
+    unit = Mt / norms[:, None]
+    cos = unit @ unit.T
+    off = ~np.eye(K, dtype=bool)
+    G = Mt @ Mt.T
+    E = np.eye(K) - np.ones((K, K)) / K
+    etf = np.linalg.norm(G / np.linalg.norm(G) - E / np.linalg.norm(E))
+    return float(norms.std() / norms.mean()), float(cos[off].std()), float(etf)
+
+
+def ref_self_duality(H, y, K, W):
+    _, _, Mt, _, _, _ = ref_parts(H, y, K)
+    W = np.asarray(W, np.float64)
+    return float(np.sum((W / np.linalg.norm(W) - Mt / np.linalg.norm(Mt)) ** 2))
+
+
+def ref_ncc(H, y, K, W, b):
+    H = np.asarray(H, np.float64)
+    _, mus, _, _, _, _ = ref_parts(H, y, K)
+    clf = np.argmax(H @ np.asarray(W, np.float64).T + np.asarray(b, np.float64), axis=1)
+    d2 = ((H[:, None, :] - mus[None]) ** 2).sum(-1)
+    return float(np.mean(clf == np.argmin(d2, axis=1)))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_data(K=5, d=20, per_class=60, spread=1.0, scale=4.0, seed=0, dtype=torch.float64,
+              offset=2.0):
+    """Class-structured random data; per_class may be a list (imbalanced)."""
+    rng = np.random.default_rng(seed)
+    counts = [per_class] * K if isinstance(per_class, int) else list(per_class)
+    mus = scale * rng.standard_normal((K, d)) + offset
+    y = np.concatenate([np.full(c, k) for k, c in enumerate(counts)])
+    rng.shuffle(y)
+    # anisotropic within-class noise so that Sigma_W is not a multiple of the identity
+    A = rng.standard_normal((d, d)) / np.sqrt(d)
+    H = mus[y] + spread * rng.standard_normal((len(y), d)) @ A
+    return torch.tensor(H, dtype=dtype), torch.tensor(y)
+
+
+CASES = {
+    "balanced": dict(K=5, d=20, per_class=60),
+    "d>N": dict(K=4, d=150, per_class=12),
+    "K-1>d": dict(K=12, d=5, per_class=30),
+    "imbalanced": dict(K=4, d=16, per_class=[5, 80, 200, 13]),
+}
+
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+# --------------------------------------------------------------------------- vs reference
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-5)])
+def test_against_numpy_reference(case, dtype, tol):
+    H, y = make_data(**CASES[case], dtype=dtype)
+    K = CASES[case]["K"]
+    Hn, yn = H.double().numpy(), y.numpy()
+    assert rel(M.nc1(H, y), ref_nc1(Hn, yn, K)) <= tol
+    assert rel(M.nc1(H, y, global_mean="weighted"), ref_nc1(Hn, yn, K, weighted=True)) <= tol
+    assert rel(M.nc1_trace(H, y), ref_nc1_trace(Hn, yn, K)) <= tol
+    assert rel(M.cdnv(H, y), ref_cdnv(Hn, yn, K)) <= tol
+    assert rel(M.numerical_rank(H, y), ref_numerical_rank(Hn, yn, K)) <= tol
+    en, ea, etf = ref_nc2(Hn, yn, K)
+    assert rel(M.equinorm(H, y), en) <= tol
+    assert rel(M.equiangularity(H, y), ea) <= tol
+    assert rel(M.etf_error(H, y), etf) <= tol
+    W = torch.randn(K, H.shape[1], generator=torch.Generator().manual_seed(1), dtype=dtype)
+    b = torch.randn(K, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    assert rel(M.self_duality(H, W, y), ref_self_duality(Hn, yn, K, W.double().numpy())) <= tol
+    # NC4 with a classifier close to NCC so that agreement is neither 0 nor 1 trivially
+    mus = torch.tensor(ref_parts(Hn, yn, K)[1], dtype=dtype)
+    Wn = mus + 0.5 * W
+    bn = -0.5 * (mus * mus).sum(1) + b
+    got = M.ncc_agreement(H, y, Wn, bn)
+    assert got == pytest.approx(ref_ncc(Hn, yn, K, Wn.double().numpy(), bn.double().numpy()),
+                                abs=1e-12)
+    # ClassStats route agrees with the same reference
+    stats = ClassStats(K, second_moments=True).update(H, y)
+    assert rel(M.nc1(stats), ref_nc1(Hn, yn, K)) <= max(tol, 1e-9)
+    assert rel(M.numerical_rank(stats), ref_numerical_rank(Hn, yn, K)) <= max(tol, 1e-9)
+    assert rel(M.self_duality(stats, W), ref_self_duality(Hn, yn, K, W.double().numpy())) <= tol
+
+
+def test_ncc_matches_classifier_built_from_means():
+    H, y = make_data(K=6, d=10, per_class=40, spread=2.0)
+    mus = M.class_means(H, y)
+    # argmax(mu_k.h - ||mu_k||^2/2) is exactly the nearest-mean rule
+    assert M.ncc_agreement(H, y, mus, -0.5 * (mus * mus).sum(1)) == 1.0
+    # with training means given explicitly (a ClassStats) the answer is the same
+    assert M.ncc_agreement(H, y, mus, -0.5 * (mus * mus).sum(1),
+                           means=ClassStats(6).update(H, y)) == 1.0
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def _ragged_chunks(H, y, seed):
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    H, y = H[perm], y[perm]
+    cuts = sorted(torch.randint(1, len(y), (7,), generator=g).tolist())
+    edges = [0, *cuts, len(y)]
+    return [(H[a:b], y[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+
+
+@pytest.mark.parametrize("second_moments", [False, True])
+def test_chunking_order_and_merge_invariance(second_moments):
+    H, y = make_data(K=6, d=24, per_class=[30, 50, 20, 70, 40, 33], seed=3)
+    one = ClassStats(6, second_moments=second_moments).update(H, y)
+    many = ClassStats(6, second_moments=second_moments)
+    for hc, yc in _ragged_chunks(H, y, seed=5):
+        many.update(hc, yc)
+    parts = _ragged_chunks(H, y, seed=9)
+    a, b = ClassStats(6, second_moments=second_moments), ClassStats(6, second_moments=second_moments)
+    for i, (hc, yc) in enumerate(parts):
+        (a if i % 2 else b).update(hc, yc)
+    merged = a.merge(b)
+    for fn in (M.nc1, M.nc1_trace, M.cdnv, M.equinorm, M.equiangularity, M.etf_error):
+        ref = fn(one)
+        assert rel(fn(many), ref) <= 1e-12, fn.__name__
+        assert rel(fn(merged), ref) <= 1e-12, fn.__name__
+    assert merged.num_samples == one.num_samples == len(y)
+    # streamed and direct routes agree
+    assert rel(M.nc1(one), M.nc1(H, y)) <= 1e-9
+    assert rel(M.cdnv(one), M.cdnv(H, y)) <= 1e-9
+    assert rel(M.nc1_trace(one), M.nc1_trace(H, y)) <= 1e-9
+
+
+def test_float32_batches_accumulate_in_float64():
+    H, y = make_data(K=4, d=8, per_class=50, dtype=torch.float32)
+    s = ClassStats(4).update(H, y)
+    assert s.sums.dtype == torch.float64 and s.second_moment.dtype == torch.float64
+    assert rel(M.nc1(s), M.nc1(H.double(), y)) <= 1e-9
+    sb = ClassStats(4).update(H.bfloat16(), y)  # bf16 input is accepted (values as given)
+    assert rel(M.nc1(sb), M.nc1(H.bfloat16().double(), y)) <= 1e-9
+
+
+def test_nc1_lowmem_equals_dense_route():
+    H, y = make_data(K=7, d=300, per_class=25, seed=4)
+    chunks = _ragged_chunks(H, y, seed=1)
+    dense = M.nc1(H, y)
+    assert rel(M.nc1_lowmem(chunks, 7), dense) <= 1e-10
+    assert rel(M.nc1_lowmem(lambda: iter(chunks), 7), dense) <= 1e-10
+    assert rel(M.nc1_lowmem(chunks, 7, global_mean="weighted"),
+               M.nc1(H, y, global_mean="weighted")) <= 1e-10
+    with pytest.raises(ValueError, match="two passes"):
+        M.nc1_lowmem(iter(chunks), 7)
+    low = ClassStats(7, low_memory=True).update(H, y)
+    assert low.second_moment is None
+    assert rel(M.cdnv(low), M.cdnv(H, y)) <= 1e-9  # first-order metrics work from low memory
+    with pytest.raises(ValueError, match="nc1_lowmem"):
+        M.nc1(low)
+    rep = M.collapse_report(low)
+    assert rep.nc1 is None and rep.numerical_rank is None
+
+
+def _sync_worker(rank: int, world: int, path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        H, y = make_data(K=5, d=12, per_class=40, seed=8)
+        part = slice(rank, None, world)
+        # rank 1 builds its statistics lazily (dim=None) to exercise allocation in sync
+        s = ClassStats(5, second_moments=True)
+        if rank == 0:
+            s.update(H[part], y[part])
+        else:
+            s.update(H[part][:10], y[part][:10]).update(H[part][10:], y[part][10:])
+        s.sync()
+        torch.save({"nc1": M.nc1(s), "rank": M.numerical_rank(s), "n": s.num_samples},
+                   f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_over_two_gloo_processes():
+    import torch.multiprocessing as mp
+
+    H, y = make_data(K=5, d=12, per_class=40, seed=8)
+    single = ClassStats(5, second_moments=True).update(H, y)
+    with tempfile.TemporaryDirectory() as tmp:
+        init, out = os.path.join(tmp, "init"), os.path.join(tmp, "res")
+        mp.spawn(_sync_worker, args=(2, init, out), nprocs=2, join=True)
+        results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    for r in results:
+        assert r["n"] == len(y)
+        assert rel(r["nc1"], M.nc1(single)) <= 1e-12
+        assert rel(r["rank"], M.numerical_rank(single)) <= 1e-10
+
+
+def test_sync_is_noop_without_distributed():
+    H, y = make_data(K=3, d=4, per_class=10)
+    s = ClassStats(3).update(H, y)
+    before = M.nc1(s)
+    assert M.nc1(s.sync()) == before
+
+
+# --------------------------------------------------------------------------- invariances, known answers
+
+
+def test_invariances_rotation_scale_permutation():
+    H, y = make_data(K=6, d=10, per_class=[20, 40, 25, 30, 50, 35], seed=2)
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64))
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    fns = (M.nc1, M.nc1_trace, M.cdnv, M.numerical_rank, M.equinorm, M.equiangularity,
+           M.etf_error)
+    for fn in fns:
+        base = fn(H, y)
+        assert rel(fn(H @ Q, y), base) <= 1e-9, f"{fn.__name__} rotation"
+        assert rel(fn(7.5 * H, y), base) <= 1e-9, f"{fn.__name__} scale"
+        assert rel(fn(H, perm[y]), base) <= 1e-9, f"{fn.__name__} label permutation"
+    # NC1-type metrics are also translation invariant (the numerical rank is not: uncentred)
+    for fn in (M.nc1, M.nc1_trace, M.cdnv, M.etf_error):
+        assert rel(fn(H + 3.0, y), fn(H, y)) <= 1e-9
+
+
+def test_perfect_collapse_and_simplex_etf():
+    K, d = 5, 9
+    means = M.simplex_etf(K, d, scale=3.0, seed=1)
+    G = means @ means.T
+    assert torch.allclose(G / 9.0, torch.eye(K, dtype=torch.float64) * (1 + 1 / (K - 1))
+                          - 1 / (K - 1), atol=1e-12)
+    y = torch.arange(K).repeat_interleave(7)
+    H = means[y].clone()
+    assert M.nc1(H, y) <= 1e-12
+    assert M.nc1(ClassStats(K).update(H, y)) <= 1e-12
+    assert M.cdnv(H, y) <= 1e-12 and M.nc1_trace(H, y) <= 1e-12
+    assert M.etf_error(H, y) <= 1e-12
+    assert M.equinorm(H, y) <= 1e-12 and M.equiangularity(H, y) <= 1e-12
+    assert M.self_duality(H, 0.3 * means, y) <= 1e-12  # W proportional to the centred means
+    assert M.numerical_rank(H, y) == pytest.approx(1.0, abs=1e-12)  # each class is rank one
+    # a non-ETF (random means) is far from it
+    Hr, yr = make_data(K=K, d=d, per_class=7)
+    assert M.etf_error(Hr, yr) > 0.1
+
+
+def test_collapse_report_has_every_metric():
+    H, y = make_data(K=4, d=6, per_class=30)
+    W = torch.randn(4, 6, dtype=torch.float64)
+    rep = M.collapse_report(H, y, W=W, b=torch.zeros(4, dtype=torch.float64))
+    d = rep.as_dict()
+    assert d["nc1"] == pytest.approx(M.nc1(H, y))
+    assert d["cdnv"] == pytest.approx(M.cdnv(H, y))
+    assert d["self_duality"] == pytest.approx(M.self_duality(H, W, y))
+    assert d["ncc_agreement"] == pytest.approx(M.ncc_agreement(H, y, W))
+    assert d["num_classes"] == 4 and d["num_samples"] == 120 and d["dim"] == 6
+    s = M.collapse_report(ClassStats(4, second_moments=True).update(H, y), W=W)
+    assert s.ncc_agreement is None and s.numerical_rank == pytest.approx(rep.numerical_rank)
+
+
+def test_rank_deficient_between_class_and_tolerance():
+    # K - 1 > d: Sigma_B is full rank d; and d >= K: rank K - 1 (one null direction dropped)
+    for K, d in ((10, 3), (3, 10)):
+        H, y = make_data(K=K, d=d, per_class=20)
+        assert rel(M.nc1(H, y), ref_nc1(H.numpy(), y.numpy(), K)) <= 1e-8
+    # an rtol that keeps only the largest eigenvalue gives a smaller NC1
+    H, y = make_data(K=5, d=8, per_class=20)
+    assert M.nc1(H, y, rtol=0.999) < M.nc1(H, y)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    H, y = make_data(K=3, d=4, per_class=10)
+    s = ClassStats(3)
+    bad = H.clone()
+    bad[0, 0], bad[1, 1], bad[2, 2] = float("nan"), float("inf"), float("nan")
+    with pytest.raises(ValueError, match="3 non-finite values .*2 NaN"):
+        s.update(bad, y)
+    with pytest.raises(ValueError, match="non-finite"):
+        M.nc1(bad, y)
+    y_bad = y.clone()
+    y_bad[0], y_bad[1] = 7, -1
+    with pytest.raises(ValueError, match=r"outside \[0, 3\) \(values: -1, 7\)"):
+        s.update(H, y_bad)
+    assert s.num_samples == 0  # failed updates add nothing
+    with pytest.raises(ValueError, match="nclab.features"):
+        s.update(H[:, :, None, None], y)
+    with pytest.raises(ValueError, match="different lengths"):
+        s.update(H, y[:-1])
+    with pytest.raises(ValueError, match="integer"):
+        s.update(H, y.double())
+    with pytest.raises(ValueError, match="devices?"):
+        s.update(H.to("meta"), y)
+    with pytest.raises(ValueError, match="lives on"):
+        ClassStats(3, device="cpu").update(H.to("meta"), y.to("meta"))
+    with pytest.raises(ValueError, match="at least two classes"):
+        M.nc1(H[y == 0], y[y == 0] * 0)
+    with pytest.raises(ValueError, match="empty"):
+        M.nc1(ClassStats(3))
+    with pytest.raises(ValueError, match="columns"):
+        ClassStats(3, dim=5).update(H, y)
+    with pytest.raises(ValueError, match="global_mean"):
+        M.nc1(H, y, global_mean="median")
+    with pytest.raises(ValueError, match="second_moments=True"):
+        M.numerical_rank(ClassStats(3).update(H, y))
+    with pytest.raises(ValueError, match="W must be"):
+        M.self_duality(H, y, y)
+    with pytest.raises(ValueError, match="cannot merge"):
+        ClassStats(3).merge(ClassStats(4))
+
+
+def test_missing_classes_named_or_dropped():
+    H, y = make_data(K=5, d=6, per_class=20)
+    keep = (y != 1) & (y != 3)
+    Hm, ym = H[keep], y[keep]
+    with pytest.raises(ValueError, match=r"classes 1, 3"):
+        M.nc1(Hm, ym, num_classes=5)
+    with pytest.raises(ValueError, match=r"classes 1, 3"):
+        M.cdnv(ClassStats(5).update(Hm, ym))
+    relabel = torch.tensor([0, -1, 1, -1, 2])[ym]
+    for fn in (M.nc1, M.cdnv, M.etf_error, M.numerical_rank):
+        with pytest.warns(UserWarning, match="dropping 2 classes"):
+            got = fn(Hm, ym, num_classes=5, allow_missing=True)
+        assert rel(got, fn(Hm, relabel)) <= 1e-9
+    with pytest.warns(UserWarning):
+        got = M.nc1(ClassStats(5).update(Hm, ym), allow_missing=True)
+    assert rel(got, M.nc1(Hm, relabel)) <= 1e-9
