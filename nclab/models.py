@@ -2,14 +2,59 @@
 
 A *backbone* here is an ``nn.Module`` whose ``forward`` maps images ``(B, C, H, W)`` to penultimate
 features ``(B, d)`` (its classifier removed), with ``d`` in ``model.num_features``.
+
+:func:`load_backbone` builds one by name (torchvision, timm, open_clip or the small nets below);
+:func:`blocks` lists the units the paper fine-tunes one at a time, numbered from 1:
+
+=============== ============================================ =====================================
+family          units (``named_modules()`` names)             paper's choice
+=============== ============================================ =====================================
+ResNet          residual blocks ``layer1.0`` ... ``layer4.*`` ResNet-18 Block 5, ResNet-50 Block 8
+                                                              (both ``layer3.0``)
+DenseNet        dense blocks ``features.denseblock1..4``      (not stated; see below)
+MobileNetV2     inverted residuals ``features.1..17``         (not stated)
+GoogLeNet       inception modules ``inception3a`` ... ``5b``  (not stated)
+ViT (timm)      encoder layers ``blocks.0..11``               Layer 8 = ``blocks.7``
+CLIP (open_clip) encoder layers ``transformer.resblocks.*``   Layer 8
+ConvNetS        ``features.0`` ...                            —
+ResNetS         residual blocks ``layer1.0`` ...              —
+=============== ============================================ =====================================
+
+The paper (App. E) names the unit only for ResNets ("each residual block") and ViTs ("each encoder
+layer"). For DenseNet we take the *dense block* as the unit — the analogue of a ResNet stage
+element whose output is a full representation (the concatenation the next transition sees); a
+single dense layer only outputs ``growth_rate`` (32) new channels, which is not a representation
+of the image on its own. Transition layers stay frozen. MobileNetV2's unit is the inverted
+residual block (its residual unit, so ``Block k`` is ``features.k``) and GoogLeNet's the inception
+module.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["ConvNetS", "ResNetS", "blocks", "feature_dim"]
+__all__ = [
+    "BACKBONES",
+    "ConvNetS",
+    "ResNetS",
+    "WeightsUnavailableError",
+    "blocks",
+    "default_block",
+    "family",
+    "feature_dim",
+    "load_backbone",
+    "load_weights",
+    "strip_classifier",
+]
 
 
 class ConvNetS(nn.Module):
@@ -88,15 +133,113 @@ class ResNetS(nn.Module):
         return self.pool(x).flatten(1)
 
 
+# --------------------------------------------------------------------------- families
+
+FAMILIES = ("resnet", "timm_resnet", "densenet", "timm_densenet", "mobilenet_v2", "googlenet",
+            "vit", "clip_vit", "convnet_s", "resnet_s")
+
+
+def _is_tv(model: nn.Module, cls_name: str) -> bool:
+    import torchvision.models as tvm
+
+    cls = getattr(tvm, cls_name, None)
+    return cls is not None and isinstance(model, cls)
+
+
+def family(model: nn.Module) -> str:
+    """The architecture family of ``model`` (one of :data:`FAMILIES`), which fixes its fine-tuning
+    units, its classifier and its pooling. Raises ``TypeError`` for other architectures."""
+    if isinstance(model, ConvNetS):
+        return "convnet_s"
+    if isinstance(model, ResNetS):
+        return "resnet_s"
+    if _is_tv(model, "ResNet"):
+        return "resnet"
+    if _is_tv(model, "DenseNet"):
+        return "densenet"
+    if _is_tv(model, "MobileNetV2"):
+        return "mobilenet_v2"
+    if _is_tv(model, "GoogLeNet"):
+        return "googlenet"
+    mod = type(model).__module__
+    name = type(model).__name__
+    if mod.startswith("timm.") and name == "ResNet":
+        return "timm_resnet"
+    if mod.startswith("timm.") and name == "DenseNet":
+        return "timm_densenet"
+    if mod.startswith("timm.") and name == "VisionTransformer":
+        return "vit"
+    if mod.startswith("open_clip.") and name == "VisionTransformer":
+        return "clip_vit"
+    raise TypeError(
+        f"nclab does not know the architecture {mod}.{name}. Supported: torchvision ResNet, "
+        "DenseNet, MobileNetV2, GoogLeNet; timm ResNet, DenseNet, VisionTransformer; open_clip "
+        "VisionTransformer (a CLIP model's .visual); nclab ConvNetS, ResNetS. Use "
+        "nclab.models.load_backbone(name) for a registry model "
+        f"({', '.join(BACKBONES)})."
+    )
+
+
+def _unwrap(model: nn.Module) -> tuple[str, nn.Module]:
+    """``("backbone.", model.backbone)`` for a fine-tuned wrapper, else ``("", model)``."""
+    inner = getattr(model, "backbone", None)
+    if isinstance(inner, nn.Module) and isinstance(getattr(model, "head", None), nn.Module):
+        return "backbone.", inner
+    return "", model
+
+
 def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The ordered fine-tuning units of ``model`` as ``(qualified_name, module)``; Block k (1-based,
-    as in the paper) is ``blocks(model)[k - 1]``."""
-    if isinstance(model, ConvNetS):
-        return [(f"features.{i}", m) for i, m in enumerate(model.features)]
-    if isinstance(model, ResNetS):
-        return [(f"layer{s + 1}.{i}", m) for s in range(model.num_stages)
-                for i, m in enumerate(getattr(model, f"layer{s + 1}"))]
-    raise TypeError(f"blocks() does not know {type(model).__name__}")
+    as in the paper) is ``blocks(model)[k - 1]``. Names are those of ``model.named_modules()``
+    (for a :class:`nclab.finetune.FineTuned` they start with ``backbone.``). See the module
+    docstring for the unit of each family."""
+    prefix, model = _unwrap(model)
+    fam = family(model)
+    out: list[tuple[str, nn.Module]]
+    if fam == "convnet_s":
+        out = [(f"features.{i}", m) for i, m in enumerate(model.features)]
+    elif fam == "resnet_s":
+        out = [(f"layer{s + 1}.{i}", m) for s in range(model.num_stages)
+               for i, m in enumerate(getattr(model, f"layer{s + 1}"))]
+    elif fam in ("resnet", "timm_resnet"):
+        out = [(f"layer{s}.{i}", m) for s in range(1, 5) if hasattr(model, f"layer{s}")
+               for i, m in enumerate(getattr(model, f"layer{s}"))]
+    elif fam in ("densenet", "timm_densenet"):
+        out = [(f"features.{n}", m) for n, m in model.features.named_children()
+               if n.startswith("denseblock")]
+    elif fam == "mobilenet_v2":
+        from torchvision.models.mobilenetv2 import InvertedResidual
+
+        out = [(f"features.{n}", m) for n, m in model.features.named_children()
+               if isinstance(m, InvertedResidual)]
+    elif fam == "googlenet":
+        from torchvision.models.googlenet import Inception
+
+        out = [(n, m) for n, m in model.named_children() if isinstance(m, Inception)]
+    elif fam == "vit":
+        out = [(f"blocks.{i}", m) for i, m in enumerate(model.blocks)]
+    else:  # clip_vit
+        out = [(f"transformer.resblocks.{i}", m) for i, m in enumerate(model.transformer.resblocks)]
+    return [(prefix + n, m) for n, m in out]
+
+
+def default_block(model: nn.Module) -> int:
+    """The block the paper fine-tunes (1-based): for ResNets the first residual block of the third
+    stage (ResNet-18 Block 5, ResNet-34/50 Block 8 = ``layer3.0``), for ViT/CLIP Layer 8. Other
+    families have no stated choice: ``ValueError`` asking for ``block=``."""
+    _, inner = _unwrap(model)
+    fam = family(inner)
+    units = blocks(inner)
+    if fam in ("resnet", "timm_resnet", "resnet_s"):
+        names = [n for n, _ in units]
+        if "layer3.0" in names:
+            return names.index("layer3.0") + 1
+    if fam in ("vit", "clip_vit") and len(units) >= 8:
+        return 8
+    raise ValueError(
+        f"the paper states no block to fine-tune for this {fam} model: pass block= "
+        f"(1..{len(units)}; see nclab.models.blocks(model))"
+    )
 
 
 def feature_dim(model: nn.Module) -> int:
@@ -105,3 +248,479 @@ def feature_dim(model: nn.Module) -> int:
     if not isinstance(d, int):
         raise TypeError(f"{type(model).__name__} has no integer num_features")
     return d
+
+
+# --------------------------------------------------------------------------- classifiers
+
+# state-dict key prefixes that belong to the classifier (dropped when loading into a backbone)
+_HEAD_KEYS: dict[str, tuple[str, ...]] = {
+    "resnet": ("fc.",),
+    "timm_resnet": ("fc.",),
+    "densenet": ("classifier.",),
+    "timm_densenet": ("classifier.",),
+    "mobilenet_v2": ("classifier.",),
+    "googlenet": ("fc.", "aux1.", "aux2."),
+    "vit": ("head.",),
+    "clip_vit": ("proj",),
+    "convnet_s": ("fc.", "classifier.", "head."),
+    "resnet_s": ("fc.", "classifier.", "head."),
+}
+
+
+def strip_classifier(model: nn.Module) -> nn.Module:
+    """Turn a classification model of a supported family into a backbone in place: its classifier
+    becomes ``nn.Identity`` (timm: ``reset_classifier(0)``; open_clip: the projection is dropped),
+    so that ``forward`` returns the penultimate features; sets ``model.num_features``. A model that
+    is already a backbone is returned unchanged."""
+    fam = family(model)
+    if fam in ("convnet_s", "resnet_s"):
+        return model
+    if fam in ("resnet", "googlenet"):
+        if isinstance(model.fc, nn.Linear):
+            model.num_features = model.fc.in_features
+            model.fc = nn.Identity()
+        if fam == "googlenet":
+            model.dropout = nn.Identity()  # the dropout belongs to the classifier
+            model.aux1 = model.aux2 = None
+            model.aux_logits = False
+        if not isinstance(getattr(model, "num_features", None), int):
+            model.num_features = _probe_width(model, fam)
+        return model
+    if fam in ("densenet", "mobilenet_v2"):
+        lin = [m for m in model.classifier.modules() if isinstance(m, nn.Linear)]
+        if lin:
+            model.num_features = lin[0].in_features
+            model.classifier = nn.Identity()
+        if not isinstance(getattr(model, "num_features", None), int):
+            model.num_features = _probe_width(model, fam)
+        return model
+    if fam in ("timm_resnet", "timm_densenet", "vit"):
+        if getattr(model, "num_classes", 0):
+            model.reset_classifier(0)
+        return model
+    # clip_vit
+    if model.proj is not None:
+        model.proj = None
+    model.num_features = model.transformer.width
+    return model
+
+
+def _probe_width(model: nn.Module, fam: str) -> int:
+    """Penultimate width of a torchvision model whose classifier was already removed."""
+    if fam == "resnet":
+        return _block_width(fam, blocks(model)[-1][1])
+    if fam == "densenet":
+        return model.features[-1].num_features
+    if fam == "mobilenet_v2":
+        return model.features[-1][0].out_channels
+    return 1024  # googlenet
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class WeightsUnavailableError(FileNotFoundError):
+    """Pretrained weights are not cached locally and cannot be downloaded (offline)."""
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NCLAB_OFFLINE"))
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - re-raised with advice
+            raise ValueError(
+                f"could not read {str(path)!r} as a plain state dict with "
+                f"torch.load(weights_only=True) ({type(err).__name__}: {err}). Save the weights "
+                "with torch.save(model.state_dict(), path); pickled models and TorchScript "
+                "archives (e.g. OpenAI's original CLIP .pt) are not accepted."
+            ) from err
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{str(path)!r} does not hold a state dict (got {type(sd).__name__})")
+    return sd
+
+
+def load_weights(model: nn.Module, weights: str | os.PathLike | dict[str, torch.Tensor]) -> nn.Module:
+    """Load a state dict (a path — ``.pth``/``.pt``/``.bin`` read with ``torch.load(...,
+    weights_only=True)``, or ``.safetensors`` — or a dict) into the backbone ``model``.
+
+    The file may hold the full classification model: classifier keys (``fc.*``, ``classifier.*``,
+    ``head.*``, GoogLeNet's ``aux*``, CLIP's ``proj``) are ignored; ``module.`` (DDP) prefixes and
+    a full CLIP model's ``visual.`` prefix are stripped; old-style DenseNet keys are renamed. Any
+    other missing or unexpected key raises ``ValueError`` naming them."""
+    fam = family(model)
+    sd = dict(_read_state_dict(weights) if not isinstance(weights, dict) else weights)
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if fam == "clip_vit" and any(k.startswith("visual.") for k in sd):
+        sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    if fam == "densenet":
+        for key in list(sd):
+            res = _DENSENET_OLD_KEY.match(key)
+            if res:
+                sd[res.group(1) + res.group(2)] = sd.pop(key)
+    if fam == "vit":
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        sd = checkpoint_filter_fn(sd, model)
+    head = _HEAD_KEYS[fam]
+    own = model.state_dict()
+    if fam == "clip_vit" and model.proj is not None:
+        head = ()
+    sd = {k: v for k, v in sd.items() if k in own or not k.startswith(head)}
+    for k in own:  # old checkpoints have no BatchNorm step counters
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = own[k]
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"the weights do not fit this {fam} backbone: {len(missing)} missing keys "
+            f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}. Check that the "
+            "file is for the same architecture (and, for small nets, the same width/depth)."
+        )
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+@dataclass(frozen=True)
+class _Spec:
+    source: str  # torchvision | timm | open_clip | small
+    arch: str
+    about: str
+
+
+BACKBONES: dict[str, _Spec] = {
+    "resnet18": _Spec("torchvision", "resnet18", "torchvision ResNet-18 (ImageNet-1k)"),
+    "resnet34": _Spec("torchvision", "resnet34", "torchvision ResNet-34 (ImageNet-1k)"),
+    "resnet50": _Spec("torchvision", "resnet50", "torchvision ResNet-50 (ImageNet-1k)"),
+    "densenet121": _Spec("torchvision", "densenet121", "torchvision DenseNet-121 (ImageNet-1k)"),
+    "densenet169": _Spec("torchvision", "densenet169", "torchvision DenseNet-169 (ImageNet-1k)"),
+    "densenet201": _Spec("torchvision", "densenet201", "torchvision DenseNet-201 (ImageNet-1k)"),
+    "mobilenet_v2": _Spec("torchvision", "mobilenet_v2", "torchvision MobileNetV2 (ImageNet-1k)"),
+    "googlenet": _Spec("torchvision", "googlenet", "torchvision GoogLeNet / Inception v1"),
+    "vit_b32": _Spec("timm", "vit_base_patch32_224", "timm ViT-B/32, 224 px"),
+    "clip_vit_b32": _Spec("open_clip", "ViT-B-32", "open_clip CLIP ViT-B/32 image encoder"),
+    "convnet_s": _Spec("small", "ConvNetS", "small ConvNet for 32 px (train it: nclab.pretrain)"),
+    "resnet_s": _Spec("small", "ResNetS", "small ResNet for 32 px (train it: nclab.pretrain)"),
+}
+
+
+def _tv_source(arch: str, tag: str) -> tuple[str, Path]:
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    try:
+        w = enum[tag]
+    except KeyError:
+        raise ValueError(f"torchvision has no weights {tag!r} for {arch}; "
+                         f"valid: {', '.join(e.name for e in enum)}") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+    return w.url, cached
+
+
+def _hf_files(spec: _Spec, tag: str) -> tuple[str, tuple[str, ...]]:
+    if spec.source == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{tag}" if tag else spec.arch)
+        if cfg is None or not cfg.hf_hub_id:
+            raise ValueError(f"timm has no pretrained tag {tag!r} for {spec.arch}")
+        return cfg.hf_hub_id, ("model.safetensors", "pytorch_model.bin")
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(spec.arch, tag)
+    if not cfg or not cfg.get("hf_hub"):
+        valid = ", ".join(open_clip.list_pretrained_tags_by_model(spec.arch))
+        raise ValueError(f"open_clip has no Hugging Face weights {tag!r} for {spec.arch}; "
+                         f"valid tags: {valid}")
+    repo = cfg["hf_hub"].rstrip("/")
+    return repo, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _fetch_pretrained(name: str, spec: _Spec, tag: str) -> str:
+    """A local path to the pretrained weights of ``name`` (cached, or downloaded when online).
+    Offline and not cached: :class:`WeightsUnavailableError` within ~3 s, saying what to fetch."""
+    offline = _offline_env()
+    if spec.source == "torchvision":
+        url, cached = _tv_source(spec.arch, tag)
+        if cached.is_file():
+            return str(cached)
+        if not offline and _reachable("download.pytorch.org"):
+            torch.hub.download_url_to_file(url, str(cached), progress=True)
+            return str(cached)
+        how = (f"download {url}\n  and either put it at {cached}\n  or pass "
+               f"load_backbone({name!r}, weights='/path/to/{os.path.basename(url)}')")
+    else:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        repo, files = _hf_files(spec, tag)
+        for f in files:
+            hit = try_to_load_from_cache(repo, f)
+            if isinstance(hit, str):
+                return hit
+        if not offline and _reachable("huggingface.co"):
+            last: Exception | None = None
+            for f in files:
+                try:
+                    return hf_hub_download(repo, f)
+                except Exception as err:  # noqa: BLE001 - try the next file name
+                    last = err
+            raise WeightsUnavailableError(f"could not download {repo} ({last})")
+        how = (f"on a machine with internet run\n  huggingface-cli download {repo} {files[0]}\n"
+               f"  (or fetch https://huggingface.co/{repo}/resolve/main/{files[0]}),\n  then "
+               "copy the Hugging Face cache (~/.cache/huggingface/hub) here or pass "
+               f"load_backbone({name!r}, weights='/path/to/{files[0]}')")
+    why = "HF_HUB_OFFLINE/NCLAB_OFFLINE is set" if offline else "the download host is unreachable"
+    raise WeightsUnavailableError(
+        f"pretrained weights for {name!r} ({spec.about}, {tag or 'default tag'}) are not cached "
+        f"here and cannot be downloaded ({why}). To use them offline,\n  {how}.\n"
+        "For random initialisation pass pretrained=False."
+    )
+
+
+def load_backbone(name: str, pretrained: bool | str = True,
+                  weights: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
+    """A backbone by registry name (:data:`BACKBONES`), in eval mode, classifier removed:
+    ``forward(x)`` returns penultimate features ``(B, num_features)``.
+
+    - ``pretrained``: ``True`` for the standard weights (torchvision ``IMAGENET1K_V1``; timm's
+      default tag; open_clip ``openai``), a string for another tag/enum name, ``False`` for random
+      initialisation. Weights come from the local cache (torch hub / Hugging Face) or are
+      downloaded; offline and not cached, :class:`WeightsUnavailableError` (within seconds) says
+      what to fetch and where to put it.
+    - ``weights``: a local state-dict file (see :func:`load_weights`; classifier keys optional);
+      it overrides ``pretrained``.
+    - ``kwargs`` go to the constructor: ``width``/``depth``/``depths``/``in_channels`` for the
+      small nets; timm ``create_model`` options (e.g. ``img_size``, ``global_pool``) for
+      ``vit_b32``; for ``clip_vit_b32``, ``projection=False`` (default: drop CLIP's 768→512
+      projection so the features are the 768-d encoder output, as for ViT-B/32 — set ``True`` for
+      the 512-d joint embedding) and ``quick_gelu`` (default: as the weights' tag; ``openai``
+      uses QuickGELU).
+    - ``convnet_s``/``resnet_s`` have no downloadable weights: pre-train them with
+      :func:`nclab.pretrain.pretrain`, or pass ``weights=``.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    if weights is not None:
+        pretrained = False
+    if spec.source == "small":
+        if pretrained:
+            raise ValueError(
+                f"{name!r} has no downloadable weights: build it with pretrained=False and train "
+                "it with nclab.pretrain.pretrain(backbone, source, epochs=...) (cached under "
+                "nclab.cache_dir()), or pass weights='/path/to/state_dict.pt'."
+            )
+        model: nn.Module = (ConvNetS if spec.arch == "ConvNetS" else ResNetS)(**kwargs)
+    elif spec.source == "torchvision":
+        import torchvision.models as tvm
+
+        tag = pretrained if isinstance(pretrained, str) else "IMAGENET1K_V1"
+        path = _fetch_pretrained(name, spec, tag) if pretrained else None
+        if spec.arch == "googlenet":
+            kwargs = {"aux_logits": False, "transform_input": True,
+                      "init_weights": not (path or weights), **kwargs}
+        model = getattr(tvm, spec.arch)(weights=None, **kwargs)
+        strip_classifier(model)
+        if path:
+            load_weights(model, path)
+    elif spec.source == "timm":
+        import timm
+
+        tag = pretrained if isinstance(pretrained, str) else ""
+        path = _fetch_pretrained(name, spec, tag) if pretrained else None
+        model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **kwargs)
+        if path:
+            load_weights(model, path)
+    else:  # open_clip
+        import open_clip
+
+        tag = pretrained if isinstance(pretrained, str) else "openai"
+        projection = kwargs.pop("projection", False)
+        cfg = open_clip.get_pretrained_cfg(spec.arch, tag) or {}
+        kwargs["force_quick_gelu"] = bool(kwargs.pop("quick_gelu", cfg.get("quick_gelu", False)))
+        path = _fetch_pretrained(name, spec, tag) if pretrained else None
+        import logging
+
+        logger = logging.getLogger()
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # silence "No pretrained weights loaded" for random init
+        try:
+            model = open_clip.create_model(spec.arch, pretrained=None, **kwargs).visual
+        finally:
+            logger.setLevel(level)
+        if path:
+            load_weights(model, path)  # full CLIP state dict: the visual.* part is used
+        if not projection:
+            strip_classifier(model)
+        else:
+            model.num_features = model.output_dim
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def _resolve_block(model: nn.Module, block: int | None) -> tuple[int, str, nn.Module]:
+    """``(k, name, module)`` for 1-based ``block`` (default: :func:`default_block`)."""
+    units = blocks(model)
+    if block is None:
+        block = default_block(model)
+    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= len(units):
+        raise ValueError(
+            f"block must be an int in 1..{len(units)} (this model has {len(units)} fine-tuning "
+            f"units: 1 = {units[0][0]!r} ... {len(units)} = {units[-1][0]!r}), got {block!r}"
+        )
+    name, mod = units[block - 1]
+    return block, name, mod
+
+
+def _block_width(fam: str, block: nn.Module) -> int:
+    """Output channels / width of a fine-tuning unit (for the SCL skip)."""
+    if fam == "convnet_s":
+        return block[0].out_channels
+    if fam in ("resnet", "timm_resnet", "resnet_s"):
+        last = block.conv3 if hasattr(block, "conv3") else block.conv2
+        return last.out_channels
+    if fam in ("densenet", "timm_densenet"):
+        layers = list(block.children())
+        first = layers[0]
+        c_in = first.norm1.num_features
+        return c_in + sum(_last_conv(layer).out_channels for layer in layers)
+    if fam == "mobilenet_v2":
+        return block.out_channels
+    if fam == "googlenet":
+        return sum(_last_conv(b).out_channels
+                   for b in (block.branch1, block.branch2, block.branch3, block.branch4))
+    if fam == "vit":
+        return block.norm1.normalized_shape[0]
+    return block.ln_1.normalized_shape[0]  # clip_vit
+
+
+def _last_conv(module: nn.Module) -> nn.Conv2d:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1]
+
+
+class _Step(nn.Module):
+    """One step of a backbone's forward: ``fn(x)``, registering the modules it uses."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str,
+                 **modules: nn.Module | None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.step_name = name
+        for k, m in modules.items():
+            if m is not None:
+                self.add_module(k, m)
+
+    def extra_repr(self) -> str:
+        return self.step_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _steps(model: nn.Module) -> list[tuple[str | None, nn.Module]]:
+    """The backbone's forward as an ordered list of ``(unit_name or None, module)`` such that
+    applying the modules in turn gives ``model(x)`` exactly; fine-tuning units appear under their
+    :func:`blocks` name. Used by :func:`nclab.finetune.split`."""
+    fam = family(model)
+    units = dict((id(m), n) for n, m in blocks(model))
+
+    def tag(mods: list[nn.Module]) -> list[tuple[str | None, nn.Module]]:
+        return [(units.get(id(m)), m) for m in mods]
+
+    flat = nn.Flatten(1)
+    if fam == "convnet_s":
+        return tag([*model.features, model.pool, flat])
+    if fam == "resnet_s":
+        stages = [b for s in range(model.num_stages) for b in getattr(model, f"layer{s + 1}")]
+        return tag([model.conv1, model.bn1, model.relu, *stages, model.pool, flat])
+    if fam == "resnet":
+        stages = [b for _, b in blocks(model)]
+        return tag([model.conv1, model.bn1, model.relu, model.maxpool, *stages, model.avgpool,
+                    flat, model.fc])
+    if fam == "timm_resnet":
+        stages = [b for _, b in blocks(model)]
+        head = _Step(lambda x: model.forward_head(x), "forward_head",
+                     global_pool=model.global_pool, fc=model.fc)
+        return tag([model.conv1, model.bn1, model.act1, model.maxpool, *stages, head])
+    if fam == "densenet":
+        post = _Step(lambda x: torch.flatten(
+            nn.functional.adaptive_avg_pool2d(nn.functional.relu(x), (1, 1)), 1),
+            "relu, adaptive_avg_pool2d, flatten")
+        return tag([*model.features, post, model.classifier])
+    if fam == "timm_densenet":
+        head = _Step(lambda x: model.forward_head(x), "forward_head",
+                     global_pool=model.global_pool, classifier=model.classifier)
+        return tag([*model.features, head])
+    if fam == "mobilenet_v2":
+        post = _Step(lambda x: torch.flatten(nn.functional.adaptive_avg_pool2d(x, (1, 1)), 1),
+                     "adaptive_avg_pool2d, flatten")
+        return tag([*model.features, post, model.classifier])
+    if fam == "googlenet":
+        pre = _Step(model._transform_input, "transform_input")
+        names = ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b",
+                 "maxpool3", "inception4a", "inception4b", "inception4c", "inception4d",
+                 "inception4e", "maxpool4", "inception5a", "inception5b", "avgpool"]
+        return tag([pre, *(getattr(model, n) for n in names), flat, model.dropout, model.fc])
+    if fam == "vit":
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+        pre = _Step(embed, "patch_embed, _pos_embed, patch_drop, norm_pre",
+                    patch_embed=model.patch_embed, pos_drop=model.pos_drop,
+                    norm_pre=model.norm_pre)
+        for pname, p in model.named_parameters(recurse=False):
+            pre.register_parameter(pname, p)
+        post = _Step(lambda x: model.forward_head(model.norm(x)), "norm, forward_head",
+                     norm=model.norm, fc_norm=model.fc_norm, head=model.head)
+        return tag([pre, *model.blocks, post])
+    # clip_vit
+    batch_first = getattr(model.transformer, "batch_first", True)
+
+    def clip_embed(x: torch.Tensor) -> torch.Tensor:
+        x = model._embeds(x)
+        return x if batch_first else x.transpose(0, 1).contiguous()
+
+    def clip_post(x: torch.Tensor) -> torch.Tensor:
+        x = x if batch_first else x.transpose(0, 1)
+        pooled, _ = model._pool(x)
+        return pooled if model.proj is None else pooled @ model.proj
+
+    pre = _Step(clip_embed, "_embeds", conv1=model.conv1, ln_pre=model.ln_pre)
+    for pname, p in model.named_parameters(recurse=False):
+        if pname != "proj":
+            pre.register_parameter(pname, p)
+    post = _Step(clip_post, "_pool, proj", ln_post=model.ln_post)
+    if model.proj is not None:
+        post.register_parameter("proj", model.proj)
+    return tag([pre, *model.transformer.resblocks, post])
