@@ -89,7 +89,11 @@ def _prepare(train_feats, train_y, test_feats, test_y, device, num_classes):
         k = num_classes
     xtr = train_feats.to(dev, torch.float32)
     mean = xtr.mean(0)
-    std = xtr.std(0).clamp_min(1e-6)
+    std = xtr.std(0)
+    # constant columns (up to float32 rounding, relative to their mean) are left unscaled, as in
+    # scikit-learn's StandardScaler; tiny but varying columns are scaled up like any other
+    const = (std == 0) | (std <= 1e-6 * mean.abs())
+    std = torch.where(const, torch.ones_like(std), std)
     ztr = (xtr - mean) / std
     zte = (test_feats.to(dev, torch.float32) - mean) / std
     return ztr, train_y.to(dev), zte, test_y.to(dev), mean, std, k

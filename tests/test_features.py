@@ -166,3 +166,40 @@ def test_custom_module_with_loader_and_stats_equal_update():
         extract(net, iter(list(loader)), ["1"], progress=False)
     one_shot = extract(net, iter(list(loader)), ["1"], num_classes=4, progress=False)
     assert nc1(one_shot["1"]) == pytest.approx(nc1(stats["1"]), rel=1e-9)
+
+
+def _registry_names():
+    from nclab.models import BACKBONES
+
+    return list(BACKBONES)
+
+
+@pytest.mark.parametrize("name", _registry_names())
+def test_registry_course_path_through_extract_and_probe(name):
+    """The branch students use: every registry backbone (random init; 224 px for the ImageNet
+    ones, 32 px for the small nets), all its blocks plus the output, streamed and as features,
+    then a linear probe on the output features."""
+    from nclab.data import batches, synthetic_images
+    from nclab.metrics import nc1
+    from nclab.models import blocks, feature_dim, load_backbone
+    from nclab.probe import linear_probe
+
+    torch.manual_seed(0)
+    model = load_backbone(name, pretrained=False)
+    small = name.endswith("_s")
+    data = batches(synthetic_images(2, 1, size=32, seed=0), batch_size=1,
+                   size=32 if small else 224)  # two batches of one image
+    taps = [n for n, _ in blocks(model)] + ["output"]
+    stats = extract(model, data, taps, progress=False)
+    feats, labels = extract(model, data, taps, return_features=True, progress=False)
+    assert list(stats) == taps and labels.tolist() == [0, 1]
+    assert feats["output"].shape == (2, feature_dim(model))
+    for n in taps:
+        assert feats[n].shape[0] == 2 and torch.isfinite(feats[n]).all(), n
+        assert stats[n].num_samples == 2
+        assert torch.allclose(stats[n].sums.sum(0), feats[n].double().sum(0), rtol=1e-4,
+                              atol=1e-4), n
+    assert nc1(stats["output"]) >= 0
+    res = linear_probe(feats["output"], labels, feats["output"], labels, max_iter=20)
+    assert res.train_acc == 1.0
+    assert all(not m._forward_hooks for m in model.modules())

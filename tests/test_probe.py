@@ -71,3 +71,14 @@ def test_mlp_probe_learns_and_is_seeded():
     assert a.test_acc > 0.5
     mb = mlp_probe(htr, ytr, hte, yte, hidden=1024, epochs=5, batch_size=32, seed=0)
     assert mb.model[0].out_features == 1024 and mb.iterations == 5 * 4
+
+
+def test_standardisation_keeps_tiny_features_and_ignores_constant_ones():
+    htr, ytr, hte, yte = _problem(k=3, d=6)
+    ref = linear_probe(htr, ytr, hte, yte)
+    tiny = linear_probe(htr * 1e-12, ytr, hte * 1e-12, yte)  # e.g. a random-init GoogLeNet
+    assert tiny.test_acc == pytest.approx(ref.test_acc, abs=0.01)
+    pad = torch.full((len(htr), 1), 3.0)
+    const = linear_probe(torch.cat([htr, pad], 1), ytr, torch.cat([hte, pad[: len(hte)]], 1), yte)
+    assert const.test_acc == pytest.approx(ref.test_acc, abs=0.01)
+    assert const.std[-1] == 1.0
