@@ -29,15 +29,20 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, TensorDataset, batches
-from .runtime import cache_dir
+from .runtime import Profile, cache_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 __all__ = [
     "AUG_LEVELS",
@@ -51,6 +56,11 @@ __all__ = [
     "config_hash",
     "cache_path",
     "pretrain",
+    "STUDY_COLUMNS",
+    "run_study",
+    "SourceStudy",
+    "source_study",
+    "cifar_resnet18",
 ]
 
 #: The transforms each augmentation level applies, cumulative as in the paper (App. E.1).
@@ -106,8 +116,8 @@ class Augment:
     ``Augment(level)(x)`` with ``x`` (B, C, H, W) on any device returns a tensor of the same shape,
     with independent random parameters per sample (vectorised, no Python loop over samples):
 
-    * ``crop``: zero-pad by ``padding`` pixels and crop back to H x W at a random offset
-      (torchvision's ``RandomCrop(H, padding)``);
+    * ``crop``: zero-pad by ``padding`` pixels (default ``round(W / 8)``: 4 at 32 px, as for
+      CIFAR) and crop back to H x W at a random offset (torchvision's ``RandomCrop(H, padding)``);
     * ``flip``: mirror left-right with probability ``flip_p``;
     * ``jitter``: with probability ``jitter_p``, scale brightness by ``b ~ U[1-B, 1+B]``, contrast
       ``x <- c x + (1-c) mean(gray(x))``, saturation ``x <- s x + (1-s) gray(x)`` and rotate hue by
@@ -123,7 +133,7 @@ class Augment:
     def __init__(
         self,
         level: int,
-        padding: int = 4,
+        padding: int | None = None,
         flip_p: float = 0.5,
         jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
         jitter_p: float = 0.8,
@@ -135,7 +145,7 @@ class Augment:
         for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("gray_p", gray_p)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
-        if padding < 0:
+        if padding is not None and padding < 0:
             raise ValueError(f"padding must be >= 0, got {padding}")
         if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
             raise ValueError(f"jitter must be (brightness, contrast, saturation, hue) >= 0 with "
@@ -170,7 +180,7 @@ class Augment:
         if not self.ops or len(x) == 0:
             return x
         b = len(x)
-        if "crop" in self.ops and self.padding > 0:
+        if "crop" in self.ops:
             x = self._crop(x)
         if "flip" in self.ops:
             flip = self._rand(b, x) < self.flip_p
@@ -186,7 +196,9 @@ class Augment:
 
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        p = self.padding
+        p = round(w / 8) if self.padding is None else self.padding
+        if p == 0:
+            return x
         xp = F.pad(x, (p, p, p, p))
         gen = self._gen(x.device)
         oy = torch.randint(0, 2 * p + 1, (b,), device=x.device, generator=gen)
@@ -570,3 +582,245 @@ def _train(backbone: nn.Module, source: TensorDataset, dev: torch.device, hp: di
             run_loss += batch_loss.detach()
         if progress:
             bar.set_postfix(loss=f"{float(run_loss) / len(loader):.3f}")
+
+
+# --------------------------------------------------------------------------- study runner
+#: Result columns :func:`run_study` adds to each configuration's own keys.
+STUDY_COLUMNS = ("source_nc1", "downstream_nc1", "transfer_acc", "probe_train_acc")
+
+_META_KEYS = ("label", "group")
+
+
+def _features(model: nn.Module, data: TensorDataset, batch_size: int, dev: torch.device,
+              stats_only: bool) -> object:
+    from .features import extract
+
+    loader = batches(data, batch_size, device=dev)
+    out = extract(model, loader, ["output"], num_classes=data.num_classes,
+                  return_features=not stats_only, device=dev, progress=False)
+    return out["output"] if stats_only else (out[0]["output"], out[1])
+
+
+def run_study(
+    configs: Sequence[Mapping[str, object]],
+    source: TensorDataset,
+    downstream_train: TensorDataset,
+    downstream_test: TensorDataset,
+    *,
+    backbone: Callable[[], nn.Module],
+    epochs: int,
+    eval_batch_size: int = 512,
+    probe_weight_decay: float = 1e-4,
+    device: torch.device | str | None = None,
+    cache: bool = True,
+    progress: bool = True,
+    **defaults: object,
+) -> pd.DataFrame:
+    """Pre-train one backbone per configuration and measure collapse and transfer: a tidy table.
+
+    Each configuration is a mapping of :func:`pretrain` keyword arguments (``aug_level``,
+    ``adversarial_eps``, ``loss``, ``proj_head_layers``, ``seed``, ...) plus the optional labels
+    ``label`` and ``group``; ``defaults`` (e.g. ``lr``, ``batch_size``) apply where a configuration
+    does not say. For each, ``backbone()`` is called under ``torch.manual_seed(seed)`` (so the
+    initial weights follow the seed), trained with :func:`pretrain` (cached), and then, on
+    un-augmented images with the trained encoder frozen:
+
+    * ``source_nc1``: NC1 of the penultimate features on ``source`` (the source *training* set);
+    * ``downstream_nc1``: NC1 on ``downstream_train``;
+    * ``transfer_acc`` / ``probe_train_acc``: accuracy of a linear probe
+      (:func:`nclab.probe.linear_probe`) fitted on ``downstream_train`` features, on
+      ``downstream_test`` / on its own training set.
+
+    Returns one row per configuration: ``label``, ``group``, every pre-training argument that any
+    configuration sets (missing ones filled with :func:`pretrain`'s defaults) and
+    :data:`STUDY_COLUMNS`.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .metrics import nc1
+    from .probe import linear_probe
+
+    if not configs:
+        raise ValueError("run_study needs at least one configuration")
+    known = set(_PRETRAIN_DEFAULTS) | set(_META_KEYS)
+    for cfg in configs:
+        unknown = set(cfg) - known
+        if unknown:
+            raise ValueError(f"unknown configuration keys {sorted(unknown)}; valid keys: "
+                             f"{sorted(known)}")
+    bad = set(defaults) - set(_PRETRAIN_DEFAULTS)
+    if bad:
+        raise ValueError(f"unknown pretrain arguments {sorted(bad)}")
+    dev = torch.device(device) if device is not None else _default_device()
+    keys = [k for k in _PRETRAIN_DEFAULTS if any(k in c for c in configs)]
+    rows = []
+    for cfg in tqdm(configs, desc="study", disable=not progress):
+        kw = {**defaults, **{k: v for k, v in cfg.items() if k not in _META_KEYS}}
+        seed = int(kw.get("seed", 0))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = backbone()
+        net = pretrain(net, source, epochs=epochs, device=dev, cache=cache, progress=progress,
+                       **kw)
+        src_stats = _features(net, source, eval_batch_size, dev, stats_only=True)
+        h_tr, y_tr = _features(net, downstream_train, eval_batch_size, dev, stats_only=False)
+        h_te, y_te = _features(net, downstream_test, eval_batch_size, dev, stats_only=False)
+        probe = linear_probe(h_tr, y_tr, h_te, y_te, weight_decay=probe_weight_decay,
+                             num_classes=downstream_train.num_classes)
+        row = {"label": cfg.get("label", _label(kw)), "group": cfg.get("group", "")}
+        row.update({k: kw.get(k, _PRETRAIN_DEFAULTS[k]) for k in keys})
+        row.update(source_nc1=nc1(src_stats),
+                   downstream_nc1=nc1(h_tr, y_tr, num_classes=downstream_train.num_classes),
+                   transfer_acc=probe.test_acc, probe_train_acc=probe.train_acc)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _label(kw: Mapping[str, object]) -> str:
+    loss = str(kw.get("loss", "ce"))
+    parts = [{"ce": "CE", "mse": "MSE", "supcon": "SupCon"}.get(loss, loss)]
+    if kw.get("aug_level", 1) != 1:
+        parts.append(f"aug {kw['aug_level']}")
+    if kw.get("adversarial_eps") is not None:
+        parts.append(f"adv {kw['adversarial_eps']}/255")
+    if kw.get("proj_head_layers", 0):
+        parts.append(f"head {kw['proj_head_layers']}")
+    return ", ".join(parts)
+
+
+# pretrain's keyword arguments a configuration may set, with their defaults
+_PRETRAIN_DEFAULTS: dict[str, object] = dict(
+    lr=0.05, batch_size=128, weight_decay=5e-4, aug_level=1, adversarial_eps=None, loss="ce",
+    proj_head_layers=0, temperature=0.1, seed=0, pgd_steps=7, pgd_step_size=None, proj_dim=None,
+    momentum=0.9)
+
+
+# --------------------------------------------------------------------------- chapter setup
+def cifar_resnet18() -> nn.Module:
+    """The CIFAR variant of ResNet-18 (3x3 stem, no max-pool, stages of 2 basic blocks with widths
+    64-128-256-512, strides 1-2-2-2): :class:`nclab.models.ResNetS` ``(64, (2, 2, 2, 2))``."""
+    from .models import ResNetS
+
+    return ResNetS(width=64, depths=(2, 2, 2, 2))
+
+
+def _tiny_convnet() -> nn.Module:
+    from .models import ConvNetS
+
+    return ConvNetS(width=16, depth=3)
+
+
+@dataclass
+class SourceStudy:
+    """Everything the chapter "Source collapse" runs, sized by a profile (see :func:`source_study`).
+
+    ``augmentation`` holds the Fig. 1 / Fig. 10 configurations (augmentation levels 1-5, then PGD
+    adversarial training at each ``adversarial_eps``); ``losses`` the Fig. 11 / App. B ones
+    (CE and MSE with 0-3 head layers, SupCon with 1-3). Each list repeats for every seed in
+    ``seeds``. ``run(configs)`` calls :func:`run_study` with this study's data and sizes.
+    """
+
+    profile: str
+    source: TensorDataset
+    downstream_train: TensorDataset
+    downstream_test: TensorDataset
+    backbone: Callable[[], nn.Module]
+    backbone_name: str
+    epochs: int
+    seeds: tuple[int, ...]
+    pretrain_kwargs: dict = field(default_factory=dict)
+    augmentation: list[dict] = field(default_factory=list)
+    losses: list[dict] = field(default_factory=list)
+
+    def run(self, configs: Sequence[Mapping[str, object]], *, epochs: int | None = None,
+            device: torch.device | str | None = None, cache: bool = True,
+            progress: bool = True) -> pd.DataFrame:
+        """:func:`run_study` on this study's data, backbone and sizes (``epochs`` overrides)."""
+        return run_study(configs, self.source, self.downstream_train, self.downstream_test,
+                         backbone=self.backbone, epochs=epochs or self.epochs, device=device,
+                         cache=cache, progress=progress, **self.pretrain_kwargs)
+
+    def describe(self) -> str:
+        """One line per ingredient, for the chapter to print."""
+        return "\n".join([
+            f"profile {self.profile}: backbone {self.backbone_name}, {self.epochs} epochs, "
+            f"seeds {list(self.seeds)}, {self.pretrain_kwargs}",
+            f"source            {self.source!r}",
+            f"downstream train  {self.downstream_train!r}",
+            f"downstream test   {self.downstream_test!r}",
+            f"configurations    {len(self.augmentation)} augmentation/adversarial, "
+            f"{len(self.losses)} loss/head",
+        ])
+
+
+#: Sizes per profile that the profile itself does not carry.
+_STUDY_SIZES: dict[str, dict] = {
+    "smoke": dict(backbone=_tiny_convnet, backbone_name="ConvNetS(width=16, depth=3)",
+                  image_size=16, lr=0.05, weight_decay=5e-4, batch_size=64, pgd_steps=3,
+                  adversarial_eps=(1, 2, 3, 5, 8), adv_seeds=1),
+    "course": dict(backbone=cifar_resnet18, backbone_name="CIFAR ResNet-18",
+                   lr=0.1, weight_decay=5e-4, batch_size=256, pgd_steps=3,
+                   adversarial_eps=(1, 2, 3, 5, 8), adv_seeds=1),
+    "paper": dict(backbone=cifar_resnet18, backbone_name="CIFAR ResNet-18",
+                  lr=0.1, weight_decay=1e-4, batch_size=256, pgd_steps=7,
+                  adversarial_eps=(1, 2, 3, 5, 8), adv_seeds=3),
+}
+
+
+def _cap_per_class(ds: TensorDataset, n: int | None, seed: int = 0) -> TensorDataset:
+    from .data import subset_per_class
+
+    if n is None:
+        return ds
+    counts = torch.bincount(ds.y.cpu(), minlength=ds.num_classes)
+    return ds if int(counts.min()) <= n else subset_per_class(ds, n, seed=seed)
+
+
+def source_study(profile: Profile | str | None = None, root: str | os.PathLike | None = None
+                 ) -> SourceStudy:
+    """The chapter's study for ``profile`` (default: the active one).
+
+    Source = ``profile.source``, downstream = ``profile.downstream[0]``; when they are the same
+    dataset (``smoke``: digits) its classes are split, the first half the source task and the
+    second half the downstream task. ``smoke`` trains a small ConvNet on digits 0-4 (at 16 px, to
+    fit CPU time) and transfers to 5-9; ``course``/``paper`` train a CIFAR ResNet-18 on CIFAR-100
+    and transfer to CIFAR-10 (training images per class capped at ``profile.max_train_per_class``).
+    """
+    from .data import class_subset, load
+    from .runtime import profile as active_profile
+
+    prof = profile if isinstance(profile, Profile) else active_profile(profile)
+    sizes = _STUDY_SIZES.get(prof.name, _STUDY_SIZES["course"])
+    down_name = prof.downstream[0]
+    size = sizes.get("image_size")
+    src_train = load(prof.source, "train", root=root, image_size=size)
+    if down_name == prof.source:
+        k = src_train.num_classes
+        first, second = list(range(k // 2)), list(range(k // 2, k))
+        source = class_subset(src_train, first)
+        d_train = class_subset(src_train, second)
+        d_test = class_subset(load(prof.source, "test", root=root, image_size=size), second)
+    else:
+        source = src_train
+        d_train = load(down_name, "train", root=root, image_size=size)
+        d_test = load(down_name, "test", root=root, image_size=size)
+    for ds in (source, d_train, d_test):
+        if not isinstance(ds, TensorDataset):
+            raise ValueError(f"the source study needs fixed-size image datasets; got {ds!r}")
+    d_train = _cap_per_class(d_train, prof.max_train_per_class)
+    seeds = tuple(prof.seeds)
+    aug = [dict(group="augmentation", aug_level=lvl, seed=s) for s in seeds for lvl in AUG_LEVELS]
+    aug += [dict(group="adversarial", aug_level=3, adversarial_eps=e, seed=s)
+            for s in seeds[: sizes["adv_seeds"]] for e in sizes["adversarial_eps"]]
+    losses = [dict(group="loss", loss=loss, proj_head_layers=n, aug_level=3, seed=s)
+              for s in seeds for loss in ("ce", "mse") for n in (0, 1, 2, 3)]
+    losses += [dict(group="loss", loss="supcon", proj_head_layers=n, aug_level=3, seed=s)
+               for s in seeds for n in (1, 2, 3)]
+    return SourceStudy(
+        profile=prof.name, source=source, downstream_train=d_train, downstream_test=d_test,
+        backbone=sizes["backbone"], backbone_name=sizes["backbone_name"],
+        epochs=prof.pretrain_epochs, seeds=seeds,
+        pretrain_kwargs=dict(lr=sizes["lr"], weight_decay=sizes["weight_decay"],
+                             batch_size=sizes["batch_size"], pgd_steps=sizes["pgd_steps"]),
+        augmentation=aug, losses=losses)
