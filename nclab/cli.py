@@ -1,0 +1,89 @@
+"""The ``nclab`` command: instructor tools for the assignments.
+
+    nclab make-student [PATH ...] [--out FILE]   write <name>_student.ipynb from <name>_solution.ipynb
+    nclab check-assignments [FOLDER]             exit 1 if a student version is stale or leaks code
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import assignments
+
+DEFAULT_FOLDER = Path("book") / "assignments"
+
+
+def _solutions(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths or [str(DEFAULT_FOLDER)]:
+        path = Path(p)
+        if path.is_dir():
+            out += assignments.solution_paths(path)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise ValueError(f"{path} does not exist (give solution notebooks or a folder)")
+    return out
+
+
+def _make_student(args: argparse.Namespace) -> int:
+    sols = _solutions(args.paths)
+    if args.out is not None and len(sols) != 1:
+        raise ValueError(f"--out needs exactly one solution notebook, got {len(sols)}")
+    for sol in sols:
+        out = assignments.make_student(sol, args.out)
+        print(f"{sol} -> {out}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    problems = assignments.check_assignments(args.folder)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if not problems:
+        n = len(assignments.solution_paths(args.folder))
+        print(f"{n} assignment(s) in {args.folder}: student versions in sync, no solution code")
+    return 1 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nclab", description="nclab instructor tools: student versions of the assignments.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser(
+        "make-student",
+        help="write the student version of solution notebooks",
+        description="Write <name>_student.ipynb next to each <name>_solution.ipynb: cells tagged "
+                    "'solution' become stubs raising NotImplementedError with the '# HINT:' text, "
+                    "tagged 'raises-exception'; outputs are stripped. The output is deterministic.")
+    make.add_argument("paths", nargs="*", metavar="PATH",
+                      help=f"solution notebooks or folders holding them (default {DEFAULT_FOLDER})")
+    make.add_argument("--out", type=Path, default=None,
+                      help="output file (only with a single solution notebook)")
+    make.set_defaults(func=_make_student)
+    check = sub.add_parser(
+        "check-assignments",
+        help="check that student versions are in sync and contain no solution code",
+        description="Regenerate every student version in memory and compare byte for byte; check "
+                    "stub tags and that no solution body line appears in a student notebook. "
+                    "Exits 1 on any problem.")
+    check.add_argument("folder", nargs="?", type=Path, default=DEFAULT_FOLDER,
+                       help=f"folder of *_solution.ipynb notebooks (default {DEFAULT_FOLDER})")
+    check.set_defaults(func=_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nclab`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
