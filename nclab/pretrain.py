@@ -77,8 +77,10 @@ LOSSES = ("ce", "mse", "supcon")
 
 _CACHE_VERSION = "pretrain-v1"  # bump when the training procedure changes what a key produces
 
-# ITU-R 601 luma weights (as torchvision's rgb_to_grayscale).
+# ITU-R 601 luma weights (as torchvision's rgb_to_grayscale) and the YIQ colour space.
 _LUMA = (0.299, 0.587, 0.114)
+_RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_YIQ2RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB2YIQ, dtype=torch.float64)).tolist()))
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -96,10 +98,8 @@ def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tenso
 
 def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Rotate the chroma of RGB images by ``2 pi * turns`` (B,) in YIQ space, keeping luma."""
-    rgb2yiq = torch.tensor([[0.299, 0.587, 0.114],
-                            [0.596, -0.274, -0.322],
-                            [0.211, -0.523, 0.312]], device=x.device, dtype=x.dtype)
-    yiq2rgb = torch.linalg.inv(rgb2yiq)
+    rgb2yiq = torch.tensor(_RGB2YIQ, device=x.device, dtype=x.dtype)
+    yiq2rgb = torch.tensor(_YIQ2RGB, device=x.device, dtype=x.dtype)
     theta = 2 * math.pi * turns
     cos, sin = torch.cos(theta), torch.sin(theta)
     one, zero = torch.ones_like(cos), torch.zeros_like(cos)

@@ -377,3 +377,79 @@ def test_supcon_pretraining_separates_digit_classes():
         h = torch.cat([net(x) for x, _ in batches(src, 256)])
     mu = torch.stack([h[src.y == k].mean(0) for k in range(5)])
     assert (torch.cdist(h, mu).argmin(1) == src.y).float().mean().item() > 0.8
+
+
+# --------------------------------------------------------------------------- study runner
+def _fake_load(name, split="train", root=None, image_size=None, **kwargs):
+    """8 random 32-px images standing in for CIFAR-100 (4 classes) / CIFAR-10 (2 classes)."""
+    k = 4 if name == "cifar100" else 2
+    g = torch.Generator().manual_seed(len(name) * 10 + len(split))
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return TensorDataset(x, torch.arange(8) % k, [f"{name}-{i}" for i in range(k)])
+
+
+def test_run_study_table_and_measurements(monkeypatch):
+    from nclab.data import normalize
+    from nclab.metrics import nc1
+
+    src = _tiny_source(n_per_class=12, k=3)
+    down = synthetic_images(num_classes=2, per_class=12, size=16, seed=1)
+    down_test = synthetic_images(num_classes=2, per_class=6, size=16, seed=2)
+    configs = [dict(label="plain", group="g", seed=0),
+               dict(aug_level=2, loss="mse", proj_head_layers=1, seed=1)]
+    df = P.run_study(configs, src, down, down_test, backbone=lambda: ConvNetS(4, 2), epochs=1,
+                     batch_size=16, device="cpu", progress=False)
+    assert list(df["label"]) == ["plain", "MSE, aug 2, head 1"]
+    assert {"group", "seed", "aug_level", "loss", "proj_head_layers", *P.STUDY_COLUMNS} <= set(df)
+    assert df.loc[0, "loss"] == "ce" and df.loc[0, "aug_level"] == 1  # defaults filled in
+    assert df[list(P.STUDY_COLUMNS)].notna().all().all()
+    assert ((df["transfer_acc"] >= 0) & (df["transfer_acc"] <= 1)).all()
+    # source NC1 is measured on un-augmented source training images with the returned encoder
+    torch.manual_seed(0)
+    net = P.pretrain(ConvNetS(4, 2), src, epochs=1, batch_size=16, seed=0, device="cpu",
+                     progress=False)
+    with torch.no_grad():
+        h = net(normalize(src.x))
+    assert df.loc[0, "source_nc1"] == pytest.approx(nc1(h.double(), src.y), rel=1e-4)
+    # the cache makes a rerun train nothing
+    monkeypatch.setattr(P, "_train", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    again = P.run_study(configs, src, down, down_test, backbone=lambda: ConvNetS(4, 2), epochs=1,
+                        batch_size=16, device="cpu", progress=False)
+    assert again[list(P.STUDY_COLUMNS)].equals(df[list(P.STUDY_COLUMNS)])
+    with pytest.raises(ValueError, match="unknown configuration keys"):
+        P.run_study([dict(augment=3)], src, down, down_test, backbone=lambda: ConvNetS(4, 2),
+                    epochs=1, progress=False)
+
+
+def test_smoke_source_study_splits_digits():
+    st = P.source_study("smoke")
+    assert st.profile == "smoke" and st.source.num_classes == 5
+    assert st.source.classes == [str(d) for d in range(5)]
+    assert st.downstream_train.classes == [str(d) for d in range(5, 10)]
+    assert st.downstream_test.classes == st.downstream_train.classes
+    assert {c["aug_level"] for c in st.augmentation} == {1, 2, 3, 4, 5}
+    assert {c["adversarial_eps"] for c in st.augmentation if "adversarial_eps" in c} == {1, 2, 3,
+                                                                                          5, 8}
+    pairs = {(c["loss"], c["proj_head_layers"]) for c in st.losses}
+    assert pairs == {("ce", n) for n in range(4)} | {("mse", n) for n in range(4)} | {
+        ("supcon", n) for n in (1, 2, 3)}
+    assert "source" in st.describe()
+
+
+def test_course_source_study_runs_on_fake_cifar(monkeypatch):
+    import nclab.data
+
+    monkeypatch.setattr(nclab.data, "load", _fake_load)
+    st = P.source_study("course")
+    assert st.profile == "course" and st.backbone_name == "CIFAR ResNet-18"
+    assert st.source.classes[0] == "cifar100-0" and st.downstream_train.classes[0] == "cifar10-0"
+    assert st.epochs == 30 and st.seeds == (0, 1, 2)
+    net = st.backbone()
+    assert net.num_features == 512 and net(torch.zeros(1, 3, 32, 32)).shape == (1, 512)
+    # one configuration of each kind the chapter runs, for one optimiser step each
+    picks = [st.augmentation[4], next(c for c in st.augmentation if c["group"] == "adversarial"),
+             next(c for c in st.losses if c["loss"] == "mse" and c["proj_head_layers"] == 3),
+             next(c for c in st.losses if c["loss"] == "supcon" and c["proj_head_layers"] == 2)]
+    df = st.run(picks, epochs=1, device="cpu", progress=False)
+    assert len(df) == 4 and df[list(P.STUDY_COLUMNS)].notna().all().all()
+    assert set(df["group"]) == {"augmentation", "adversarial", "loss"}
