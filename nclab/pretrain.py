@@ -75,7 +75,7 @@ AUG_LEVELS: dict[int, tuple[str, ...]] = {
 #: Pre-training losses :func:`pretrain` knows.
 LOSSES = ("ce", "mse", "supcon")
 
-_CACHE_VERSION = "pretrain-v1"  # bump when the training procedure changes what a key produces
+_CACHE_VERSION = "pretrain-v2"  # bump when the training procedure changes what a key produces
 
 # ITU-R 601 luma weights (as torchvision's rgb_to_grayscale) and the YIQ colour space.
 _LUMA = (0.299, 0.587, 0.114)
@@ -84,29 +84,45 @@ _YIQ2RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB2YIQ, dtype=torch.
 
 
 # --------------------------------------------------------------------------- augmentation
+_CONSTS: dict[tuple, torch.Tensor] = {}
+
+
+def _const(name: str, values: tuple, x: torch.Tensor) -> torch.Tensor:
+    """A constant tensor on ``x``'s device and dtype, built once (no host-to-device copy per batch)."""
+    key = (name, x.device, x.dtype)
+    if key not in _CONSTS:
+        _CONSTS[key] = torch.tensor(values, device=x.device, dtype=x.dtype)
+    return _CONSTS[key]
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W) luma."""
-    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    return torch.einsum("bchw,c->bhw", x, _const("luma", _LUMA, x)).unsqueeze(1)
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """``ratio * a + (1 - ratio) * b`` clamped to [0, 1]; ``ratio`` is (B,)."""
-    r = ratio.view(-1, 1, 1, 1)
-    return (r * a + (1 - r) * b).clamp(0, 1)
+    return torch.lerp(b, a, ratio.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def _hue_basis() -> tuple:
+    """(P0, P1, P2) with ``YIQ2RGB @ R(theta) @ RGB2YIQ = P0 + cos(theta) P1 + sin(theta) P2``."""
+    a = torch.tensor(_YIQ2RGB, dtype=torch.float64)
+    b = torch.tensor(_RGB2YIQ, dtype=torch.float64)
+    p0 = torch.outer(a[:, 0], b[0])
+    p1 = torch.outer(a[:, 1], b[1]) + torch.outer(a[:, 2], b[2])
+    p2 = torch.outer(a[:, 2], b[1]) - torch.outer(a[:, 1], b[2])
+    return tuple(torch.stack([p0, p1, p2]).tolist())
+
+
+_HUE_BASIS = _hue_basis()
 
 
 def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Rotate the chroma of RGB images by ``2 pi * turns`` (B,) in YIQ space, keeping luma."""
-    rgb2yiq = torch.tensor(_RGB2YIQ, device=x.device, dtype=x.dtype)
-    yiq2rgb = torch.tensor(_YIQ2RGB, device=x.device, dtype=x.dtype)
     theta = 2 * math.pi * turns
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
-    rot = torch.stack([torch.stack([one, zero, zero], -1),
-                       torch.stack([zero, cos, -sin], -1),
-                       torch.stack([zero, sin, cos], -1)], -2)  # (B, 3, 3)
-    m = yiq2rgb @ rot @ rgb2yiq  # (B, 3, 3)
+    coef = torch.stack([torch.ones_like(theta), torch.cos(theta), torch.sin(theta)], 1)  # (B, 3)
+    m = torch.einsum("bk,kij->bij", coef, _const("hue", _HUE_BASIS, x))  # (B, 3, 3)
     return torch.einsum("bij,bjhw->bihw", m, x).clamp(0, 1)
 
 
@@ -211,22 +227,21 @@ class Augment:
 
     def _color_jitter(self, x: torch.Tensor) -> torch.Tensor:
         b = len(x)
+        r = torch.rand(b, 5, device=x.device, generator=self._gen(x.device)).to(x.dtype)
+        apply = (r[:, 0] < self.jitter_p).view(-1, 1, 1, 1)
+        u = 2 * r[:, 1:] - 1  # U[-1, 1] for brightness, contrast, saturation, hue
         bri, con, sat, hue = self.jitter
-        apply = (self._rand(b, x) < self.jitter_p).view(-1, 1, 1, 1)
-
-        def factor(span: float) -> torch.Tensor:
-            return 1 + span * (2 * self._rand(b, x) - 1)
-
-        y = (x * factor(bri).view(-1, 1, 1, 1)).clamp(0, 1)
-        if x.shape[1] == 3:
-            mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-            y = _blend(y, mean.expand_as(y), factor(con))
-            y = _blend(y, _gray(y).expand_as(y), factor(sat))
+        y = x
+        if bri > 0:
+            y = (y * (1 + bri * u[:, 0]).view(-1, 1, 1, 1)).clamp(0, 1)
+        if con > 0:
+            lum = _gray(y) if y.shape[1] == 3 else y
+            y = _blend(y, lum.mean(dim=(1, 2, 3), keepdim=True), 1 + con * u[:, 1])
+        if y.shape[1] == 3:
+            if sat > 0:
+                y = _blend(y, _gray(y), 1 + sat * u[:, 2])
             if hue > 0:
-                y = _rotate_hue(y, hue * (2 * self._rand(b, x) - 1))
-        else:
-            mean = y.mean(dim=(1, 2, 3), keepdim=True)
-            y = _blend(y, mean.expand_as(y), factor(con))
+                y = _rotate_hue(y, hue * u[:, 3])
         return torch.where(apply, y, x)
 
 
@@ -484,7 +499,7 @@ def pretrain(
     """
     _validate(backbone, source, epochs, lr, batch_size, weight_decay, aug_level, adversarial_eps,
               loss, proj_head_layers, temperature)
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = _resolve_device(device)
     hparams = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                    aug_level=aug_level, adversarial_eps=adversarial_eps, loss=loss,
                    proj_head_layers=proj_head_layers, temperature=temperature, seed=seed,
@@ -508,10 +523,15 @@ def pretrain(
     return backbone
 
 
-def _default_device() -> torch.device:
-    from .runtime import device
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` (default: :func:`nclab.runtime.device`) with an explicit index for CUDA, so
+    tensors and statistics built from it compare equal to ``tensor.device`` (``cuda:0``)."""
+    from .runtime import device as best_device
 
-    return device()
+    dev = torch.device(device) if device is not None else best_device()
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def _train(backbone: nn.Module, source: TensorDataset, dev: torch.device, hp: dict, amp: bool,
@@ -611,6 +631,7 @@ def run_study(
     epochs: int,
     eval_batch_size: int = 512,
     probe_weight_decay: float = 1e-4,
+    probe_max_iter: int = 300,
     device: torch.device | str | None = None,
     cache: bool = True,
     progress: bool = True,
@@ -628,7 +649,8 @@ def run_study(
     * ``source_nc1``: NC1 of the penultimate features on ``source`` (the source *training* set);
     * ``downstream_nc1``: NC1 on ``downstream_train``;
     * ``transfer_acc`` / ``probe_train_acc``: accuracy of a linear probe
-      (:func:`nclab.probe.linear_probe`) fitted on ``downstream_train`` features, on
+      (:func:`nclab.probe.linear_probe`, ``probe_weight_decay``, at most ``probe_max_iter``
+      L-BFGS iterations) fitted on ``downstream_train`` features, on
       ``downstream_test`` / on its own training set.
 
     Returns one row per configuration: ``label``, ``group``, every pre-training argument that any
@@ -652,7 +674,7 @@ def run_study(
     bad = set(defaults) - set(_PRETRAIN_DEFAULTS)
     if bad:
         raise ValueError(f"unknown pretrain arguments {sorted(bad)}")
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = _resolve_device(device)
     keys = [k for k in _PRETRAIN_DEFAULTS if any(k in c for c in configs)]
     rows = []
     for cfg in tqdm(configs, desc="study", disable=not progress):
@@ -667,7 +689,7 @@ def run_study(
         h_tr, y_tr = _features(net, downstream_train, eval_batch_size, dev, stats_only=False)
         h_te, y_te = _features(net, downstream_test, eval_batch_size, dev, stats_only=False)
         probe = linear_probe(h_tr, y_tr, h_te, y_te, weight_decay=probe_weight_decay,
-                             num_classes=downstream_train.num_classes)
+                             max_iter=probe_max_iter, num_classes=downstream_train.num_classes)
         row = {"label": cfg.get("label", _label(kw)), "group": cfg.get("group", "")}
         row.update({k: kw.get(k, _PRETRAIN_DEFAULTS[k]) for k in keys})
         row.update(source_nc1=nc1(src_stats),
@@ -730,6 +752,7 @@ class SourceStudy:
     epochs: int
     seeds: tuple[int, ...]
     pretrain_kwargs: dict = field(default_factory=dict)
+    probe_max_iter: int = 300
     augmentation: list[dict] = field(default_factory=list)
     losses: list[dict] = field(default_factory=list)
 
@@ -739,7 +762,8 @@ class SourceStudy:
         """:func:`run_study` on this study's data, backbone and sizes (``epochs`` overrides)."""
         return run_study(configs, self.source, self.downstream_train, self.downstream_test,
                          backbone=self.backbone, epochs=epochs or self.epochs, device=device,
-                         cache=cache, progress=progress, **self.pretrain_kwargs)
+                         cache=cache, progress=progress, probe_max_iter=self.probe_max_iter,
+                         **self.pretrain_kwargs)
 
     def describe(self) -> str:
         """One line per ingredient, for the chapter to print."""
@@ -757,8 +781,8 @@ class SourceStudy:
 #: Sizes per profile that the profile itself does not carry.
 _STUDY_SIZES: dict[str, dict] = {
     "smoke": dict(backbone=_tiny_convnet, backbone_name="ConvNetS(width=16, depth=3)",
-                  image_size=16, lr=0.05, weight_decay=5e-4, batch_size=64, pgd_steps=3,
-                  adversarial_eps=(1, 2, 3, 5, 8), adv_seeds=1),
+                  image_size=16, lr=0.05, weight_decay=5e-4, batch_size=64, pgd_steps=2,
+                  adversarial_eps=(1, 2, 3, 5, 8), adv_seeds=1, probe_max_iter=100),
     "course": dict(backbone=cifar_resnet18, backbone_name="CIFAR ResNet-18",
                    lr=0.1, weight_decay=5e-4, batch_size=256, pgd_steps=3,
                    adversarial_eps=(1, 2, 3, 5, 8), adv_seeds=1),
@@ -820,7 +844,7 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
     return SourceStudy(
         profile=prof.name, source=source, downstream_train=d_train, downstream_test=d_test,
         backbone=sizes["backbone"], backbone_name=sizes["backbone_name"],
-        epochs=prof.pretrain_epochs, seeds=seeds,
+        epochs=prof.pretrain_epochs, seeds=seeds, probe_max_iter=sizes.get("probe_max_iter", 300),
         pretrain_kwargs=dict(lr=sizes["lr"], weight_decay=sizes["weight_decay"],
                              batch_size=sizes["batch_size"], pgd_steps=sizes["pgd_steps"]),
         augmentation=aug, losses=losses)
