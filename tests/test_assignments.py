@@ -1,0 +1,144 @@
+"""The assignments: student versions in sync with the solutions and free of solution code; solutions
+execute and score full marks; student versions execute with NotImplementedError as the only error
+and score zero. Also the generator's rules on small cells and the ``nclab`` command."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from nclab import assignments as A
+from nclab.cli import main
+
+FOLDER = Path(__file__).resolve().parents[1] / "book" / "assignments"
+SOLUTIONS = A.solution_paths(FOLDER)
+SCORE = re.compile(r"^Assignment \d+: .*?: ([\d.]+) / ([\d.]+) points", re.M)
+
+
+def test_three_assignments_with_solution_cells():
+    assert len(SOLUTIONS) >= 3
+    for path in SOLUTIONS:
+        nb = nbformat.read(path, as_version=4)
+        assert any(A.SOLUTION_TAG in c.metadata.get("tags", []) for c in nb.cells), path
+        assert all(not c.get("outputs") for c in nb.cells), f"{path}: commit without outputs"
+
+
+def test_student_versions_in_sync_and_clean(tmp_path):
+    assert A.check_assignments(FOLDER) == []
+    for sol in SOLUTIONS:
+        out = A.make_student(sol, tmp_path / A.student_path(sol).name)
+        assert out.read_bytes() == A.student_path(sol).read_bytes(), f"{sol} out of sync"
+        solution = nbformat.read(sol, as_version=4)
+        student = nbformat.read(out, as_version=4)
+        body = A.solution_body_lines(solution)
+        assert len(body) >= 3
+        lines = {ln.strip() for c in student.cells for ln in c.source.splitlines()}
+        assert not [ln for ln in body if ln in lines], "solution code in the student version"
+        assert not [ln for ln in body if len(ln) > 30 and ln in "\n".join(lines)]
+        by_id = {c.id: c for c in student.cells}
+        for cell in solution.cells:
+            tags = cell.metadata.get("tags", [])
+            twin = by_id[cell.id]
+            if A.SOLUTION_TAG in tags:
+                assert A.SOLUTION_TAG not in twin.metadata.get("tags", [])
+                assert A.STUB_TAG in twin.metadata["tags"]
+                if cell.cell_type == "code":
+                    assert "raise NotImplementedError(" in twin.source
+                    assert "HINT" not in twin.source
+            else:
+                assert twin.source == cell.source
+
+
+def test_check_finds_stale_and_leaking_student(tmp_path):
+    sol = SOLUTIONS[0]
+    copy_sol = tmp_path / sol.name
+    copy_sol.write_bytes(sol.read_bytes())
+    assert any("missing" in p for p in A.check_assignments(tmp_path))
+    stu = A.make_student(copy_sol)
+    assert A.check_assignments(tmp_path) == []
+    nb = nbformat.read(stu, as_version=4)
+    solution = nbformat.read(copy_sol, as_version=4)
+    leaked = A.solution_body_lines(solution)[0]
+    nb.cells[-1].source += "\n" + leaked
+    stu.write_text(A.render(nb), encoding="utf-8")
+    problems = A.check_assignments(tmp_path)
+    assert any("out of sync" in p for p in problems)
+    assert any("solution code" in p for p in problems)
+    assert main(["check-assignments", str(tmp_path)]) == 1
+    assert main(["make-student", str(copy_sol)]) == 0
+    assert main(["check-assignments", str(tmp_path)]) == 0
+
+
+def test_stub_rules():
+    src = ("import torch\n\n# HINT: divide by N\ndef f(h, y):\n    \"\"\"Doc.\"\"\"\n"
+           "    n = len(h)\n    return h.sum() / n\n\n\nclass M:\n    \"\"\"M.\"\"\"\n\n"
+           "    def g(self):\n        # HINT: inner hint\n        return 1\n\n\nf(1, 2)\n")
+    out = A.stub_code(src, hint="cell hint")
+    assert "import torch" in out and "f(1, 2)" in out and '"""Doc."""' in out
+    assert 'raise NotImplementedError("divide by N")' in out
+    assert 'raise NotImplementedError("inner hint")' in out
+    assert "n = len(h)" not in out and "return 1" not in out and "HINT" not in out
+    assert 'raise NotImplementedError("cell hint")' in A.stub_code("def z():\n    return 0\n",
+                                                                   "cell hint")
+    with pytest.raises(ValueError, match="does not parse"):
+        A.stub_code("def broken(:\n")
+    with pytest.raises(ValueError, match="own lines"):
+        A.stub_code("def one(): return 1\n")
+
+
+def test_generator_needs_solution_cells_and_names():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    with pytest.raises(ValueError, match="no cell is tagged"):
+        A.student_notebook(nb)
+    with pytest.raises(ValueError, match="_solution.ipynb"):
+        A.student_path("foo.ipynb")
+    assert main(["make-student", "does/not/exist.ipynb"]) == 2
+
+
+def _execute(path: Path) -> tuple[nbformat.NotebookNode, list]:
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    env_ok = os.environ.get("NCLAB_PROFILE", "smoke") == "smoke"
+    assert env_ok, "run the notebook tests in the smoke profile"
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    errors = [(c, o) for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    return nb, errors
+
+
+def _score(nb) -> tuple[float, float]:
+    text = "".join(o.get("data", {}).get("text/plain", "") for o in nb.cells[-1].outputs)
+    m = SCORE.search(text)
+    assert m, f"no score in the grading cell's output: {text[:300]!r}"
+    return float(m.group(1)), float(m.group(2))
+
+
+@pytest.mark.parametrize("sol", SOLUTIONS, ids=lambda p: p.stem)
+def test_solution_executes_with_full_marks(sol, monkeypatch):
+    monkeypatch.setenv("NCLAB_PROFILE", "smoke")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb, errors = _execute(sol)
+    assert not errors, [(c.id, o.ename, o.evalue) for c, o in errors]
+    points, max_points = _score(nb)
+    assert max_points > 0 and points == max_points
+
+
+@pytest.mark.parametrize("sol", SOLUTIONS, ids=lambda p: p.stem)
+def test_student_executes_with_only_not_implemented_and_scores_zero(sol, monkeypatch):
+    monkeypatch.setenv("NCLAB_PROFILE", "smoke")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb, errors = _execute(A.student_path(sol))
+    assert errors, "the stubs should raise"
+    assert {o.ename for _, o in errors} == {"NotImplementedError"}
+    assert all(A.STUB_TAG in c.metadata.get("tags", []) for c, _ in errors)
+    points, max_points = _score(nb)
+    assert points == 0 and max_points > 0
+    assert "not implemented yet" in "".join(
+        o.get("data", {}).get("text/plain", "") for o in nb.cells[-1].outputs)
