@@ -57,7 +57,7 @@ __all__ = [
 
 _F64 = torch.float64
 _DEFAULT_RTOL = 1e-10
-_CHUNK_ELEMS = 1 << 24  # rows per float64 chunk = this // d (128 MiB of float64)
+_CHUNK_ELEMS = 1 << 24  # rows per float64 chunk = this // d (128 MiB of float64; x4 on GPUs)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -127,6 +127,21 @@ def _infer_k(y: torch.Tensor, num_classes: int | None) -> int:
     return int(y.max()) + 1
 
 
+def _normalize_device(device: torch.device | str) -> torch.device:
+    """``cuda`` -> ``cuda:<current>`` so that it compares equal to tensors' devices."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class _Done:
+    """Stands in for a completed CUDA event."""
+
+    def synchronize(self) -> None:
+        return None
+
+
 def _class_sums(out: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """out[k] += sum of the rows v[i] with y[i] == k (in place). Atomic index_add_ on GPUs; on
     CPUs index_put_(accumulate=True), measured several times faster there for (N, d) rows."""
@@ -152,6 +167,13 @@ class ClassStats:
         second_moments: keep per-class second moments (for the numerical rank).
         low_memory: keep only O(K d) statistics (no d x d). ``nc1`` then needs the features again:
             use :func:`nc1_lowmem`; every other metric works from these statistics.
+        check: when bad input (NaN/Inf, labels outside [0, K)) raises. ``"eager"``: inside the
+            ``update`` that received it (one device sync per update). ``"deferred"``: no sync;
+            the batch is left out of the statistics on the device and the ``ValueError`` is
+            raised by the next ``update``, ``check()`` or read of the statistics. ``"auto"``
+            (default): eager on CPUs (a sync is free there), deferred on GPUs, so that streaming
+            many layer taps does not stall the forward pass. Either way bad data never enters
+            the statistics and always raises.
     """
 
     def __init__(
@@ -161,7 +183,10 @@ class ClassStats:
         device: torch.device | str | None = None,
         second_moments: bool = False,
         low_memory: bool = False,
+        check: str = "auto",
     ) -> None:
+        if check not in ("auto", "eager", "deferred"):
+            raise ValueError(f"check must be 'auto', 'eager' or 'deferred', got {check!r}")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if dim is not None and (not isinstance(dim, int) or dim < 1):
@@ -170,9 +195,14 @@ class ClassStats:
             raise ValueError("second_moments=True needs K*d*d memory; it contradicts low_memory=True")
         self.num_classes = num_classes
         self.dim = dim
-        self.device = torch.device(device) if device is not None else None
+        self.device = _normalize_device(device) if device is not None else None
         self.second_moments = second_moments
         self.low_memory = low_memory
+        self.check_mode = check
+        self._pending: tuple | None = None  # deferred check: (host flags, event, h, y)
+        self._graphs: dict = {}  # CUDA graphs of the deferred update, by (shape, dtype)
+        self._host_flags: torch.Tensor | None = None
+        self._event = None
         self.counts: torch.Tensor | None = None
         self.sums: torch.Tensor | None = None
         self.sq_norms: torch.Tensor | None = None
@@ -183,6 +213,7 @@ class ClassStats:
 
     # ---------------------------------------------------------------- state
     def _allocate(self, dim: int, device: torch.device) -> None:
+        self._graphs = {}
         k = self.num_classes
         self.dim, self.device = dim, device
         self.counts = torch.zeros(k, dtype=_F64, device=device)
@@ -203,14 +234,29 @@ class ClassStats:
             t.zero_()
         return self
 
+    def check(self) -> ClassStats:
+        """Raise now the ``ValueError`` of a bad batch found by a deferred check (if any)."""
+        if self._pending is None:
+            return self
+        flags, event, h, y = self._pending
+        self._pending = None
+        event.synchronize()
+        bad_y, nonfinite = (int(v) for v in flags.tolist())
+        if bad_y or nonfinite:
+            nonfinite = int((~torch.isfinite(h)).sum()) if nonfinite else 0
+            _raise_bad(h, y, self.num_classes, nonfinite, bad_y)
+        return self
+
     @property
     def num_samples(self) -> int:
         """N, the number of samples accumulated so far."""
+        self.check()
         return 0 if self.counts is None else int(round(float(self.counts.sum())))
 
     @property
     def missing_classes(self) -> list[int]:
         """Classes in [0, K) without a sample yet."""
+        self.check()
         if self.counts is None:
             return list(range(self.num_classes))
         return torch.nonzero(self.counts == 0).flatten().tolist()
@@ -235,6 +281,7 @@ class ClassStats:
         return self.second_moment
 
     def _require_data(self) -> None:
+        self.check()
         if self.counts is None or float(self.counts.sum()) == 0:
             raise ValueError("ClassStats is empty: call update(h, y) with some samples first")
 
@@ -264,35 +311,117 @@ class ClassStats:
                              f"{self.dim}")
         if h.shape[0] == 0:
             return self
+        self.check()  # a previous batch's deferred error fires first
         if self.counts is None:
             self._allocate(h.shape[1], h.device)
-        h64 = h.to(_F64)
+        n, d, k = h.shape[0], h.shape[1], self.num_classes
         y = y.long()
-        k = self.num_classes
-        # one device sync checks both: NaN/Inf propagate into the class sums, and the (clamped)
-        # labels are range-checked before anything is added to the state
-        batch_sums = _class_sums(torch.zeros_like(self.sums), y.clamp(0, k - 1), h64)
-        flags = torch.stack([((y < 0) | (y >= k)).sum(),
-                             (~torch.isfinite(batch_sums)).sum()]).tolist()
-        if flags[0] or flags[1]:
-            nonfinite = int((~torch.isfinite(h)).sum()) if h.dtype.is_floating_point else 0
-            if flags[1] and not nonfinite:
-                raise ValueError("feature sums overflow float64: rescale the features")
-            _raise_bad(h, y, k, nonfinite, flags[0])
-        self.counts += torch.bincount(y, minlength=k).to(_F64)
-        self.sums += batch_sums
-        self.sq_norms.index_add_(0, y, torch.linalg.vector_norm(h64, dim=1) ** 2)
+        deferred = self.check_mode == "deferred" or (self.check_mode == "auto"
+                                                     and h.device.type != "cpu")
+        if deferred and h.device.type == "cuda" and self.class_second_moments is None:
+            graph = self._graph_for(h, y)
+            if graph is not None:
+                return self._replay(graph, h, y)
+        y_safe = y.clamp(0, k - 1)
+        bad_y = (y_safe != y).sum()
+        nonfinite = (~torch.isfinite(h).all()) if h.dtype.is_floating_point else bad_y * 0
+        flags = torch.stack([bad_y, nonfinite.long()])
+        if not deferred:  # one device sync, before anything touches the state
+            bad, nf = flags.tolist()
+            if bad or nf:
+                _raise_bad(h, y, k, int((~torch.isfinite(h)).sum()) if nf else 0, bad)
+        # [h | 1 | ||h||^2] in float64, so one index_add gives sums, counts and squared norms
+        aug = torch.empty(n, d + 2, dtype=_F64, device=h.device)
+        h64 = aug[:, :d]
+        h64.copy_(h)
+        aug[:, d] = 1.0
+        torch.linalg.vecdot(h64, h64, out=aug[:, d + 1])
+        if deferred:  # a bad batch contributes nothing; its error is raised later
+            aug = torch.where(flags.sum() == 0, aug, 0.0)
+            h64 = aug[:, :d]
+            host = torch.empty(2, dtype=torch.long, pin_memory=h.device.type == "cuda")
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event() if h.device.type == "cuda" else None
+            if event is not None:
+                event.record()
+            self._pending = (host, event if event is not None else _Done(), h, y)
+        batch = _class_sums(torch.zeros(k, d + 2, dtype=_F64, device=h.device), y_safe, aug)
+        self.sums += batch[:, :d]
+        self.counts += batch[:, d]
+        self.sq_norms += batch[:, d + 1]
         if self.class_second_moments is not None:
             order = torch.argsort(y)
             ys, hs = y[order], h64[order]
             classes, sizes = torch.unique_consecutive(ys, return_counts=True)
             start = 0
-            for k, n_k in zip(classes.tolist(), sizes.tolist()):
-                hk = hs[start:start + n_k]
-                self.class_second_moments[k] += hk.T @ hk
-                start += n_k
+            for c, n_c in zip(classes.tolist(), sizes.tolist()):
+                hc = hs[start:start + n_c]
+                self.class_second_moments[c].addmm_(hc.T, hc)
+                start += n_c
         elif self.second_moment is not None:
-            self.second_moment += h64.T @ h64
+            self.second_moment.addmm_(h64.T, h64)
+        return self
+
+    # ---------------------------------------------------------------- CUDA-graph update
+    def _accumulate_deferred(self, h: torch.Tensor, y: torch.Tensor, flags: torch.Tensor) -> None:
+        """The update's device work, with no host sync: a bad batch adds exact zeros."""
+        n, d, k = h.shape[0], h.shape[1], self.num_classes
+        y_safe = y.clamp(0, k - 1)
+        bad_y = (y_safe != y).sum()
+        nonfinite = ((~torch.isfinite(h).all()).long() if h.dtype.is_floating_point
+                     else bad_y * 0)
+        flags.copy_(torch.stack([bad_y, nonfinite]))
+        aug = torch.empty(n, d + 2, dtype=_F64, device=h.device)
+        aug[:, :d].copy_(h)
+        aug[:, d] = 1.0
+        torch.linalg.vecdot(aug[:, :d], aug[:, :d], out=aug[:, d + 1])
+        aug = torch.where((bad_y + nonfinite) == 0, aug, 0.0)
+        batch = torch.zeros(k, d + 2, dtype=_F64, device=h.device).index_add_(0, y_safe, aug)
+        self.sums += batch[:, :d]
+        self.counts += batch[:, d]
+        self.sq_norms += batch[:, d + 1]
+        if self.second_moment is not None:
+            self.second_moment.addmm_(aug[:, :d].T, aug[:, :d])
+
+    def _graph_for(self, h: torch.Tensor, y: torch.Tensor):
+        """A captured CUDA graph of the deferred update for this batch shape (one kernel launch
+        per update instead of ~20: streaming many taps then costs little CPU time)."""
+        key = (tuple(h.shape), h.dtype)
+        if key in self._graphs:
+            return self._graphs[key]
+        graph = None
+        if len(self._graphs) < 4 and not torch.cuda.is_current_stream_capturing():
+            try:
+                with torch.cuda.device(h.device):
+                    static_h = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
+                    static_y = torch.full((h.shape[0],), -1, dtype=torch.long, device=h.device)
+                    flags = torch.zeros(2, dtype=torch.long, device=h.device)
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):  # warm-up: labels -1 make it add zeros
+                        self._accumulate_deferred(static_h, static_y, flags)
+                    torch.cuda.current_stream().wait_stream(side)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        self._accumulate_deferred(static_h, static_y, flags)
+                    graph = (g, static_h, static_y, flags)
+            except Exception:  # capture unsupported here: the plain deferred path is used
+                graph = None
+        self._graphs[key] = graph
+        return graph
+
+    def _replay(self, graph, h: torch.Tensor, y: torch.Tensor) -> ClassStats:
+        g, static_h, static_y, flags = graph
+        static_h.copy_(h)
+        static_y.copy_(y)
+        g.replay()
+        if self._host_flags is None:
+            self._host_flags = torch.empty(2, dtype=torch.long, pin_memory=True)
+        self._host_flags.copy_(flags, non_blocking=True)
+        if self._event is None:
+            self._event = torch.cuda.Event()
+        self._event.record()
+        self._pending = (self._host_flags, self._event, h, y)
         return self
 
     def _compatible(self, other: ClassStats) -> None:
@@ -310,6 +439,8 @@ class ClassStats:
     @torch.no_grad()
     def merge(self, other: ClassStats) -> ClassStats:
         """Add ``other``'s statistics into ``self`` in place (moved to ``self``'s device)."""
+        self.check()
+        other.check()
         self._compatible(other)
         if other.counts is None:
             return self
@@ -327,6 +458,7 @@ class ClassStats:
         not initialised (single process). Ranks that saw no data take part with zeros."""
         import torch.distributed as dist
 
+        self.check()
         if not (dist.is_available() and dist.is_initialized()):
             return self
         dev = self.device
@@ -348,10 +480,12 @@ class ClassStats:
 
     def to(self, device: torch.device | str) -> ClassStats:
         """Move the statistics to ``device`` (in place); returns ``self``."""
-        device = torch.device(device)
+        self.check()
+        device = _normalize_device(device)
         for name, t in self._tensors().items():
             setattr(self, name, t.to(device))
         self.device = device
+        self._graphs = {}
         return self
 
 
@@ -403,7 +537,8 @@ def _moments_from_stats(stats: ClassStats, allow_missing: bool) -> _Moments:
 
 
 def _chunked(h: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    rows = max(1, _CHUNK_ELEMS // max(1, h.shape[1]))
+    elems = _CHUNK_ELEMS * (4 if h.device.type == "cuda" else 1)
+    rows = max(1, elems // max(1, h.shape[1]))
     return [(h[i:i + rows], y[i:i + rows]) for i in range(0, max(1, len(h)), rows)]
 
 
@@ -430,7 +565,7 @@ def _features_sums(
     _check_same_device(h, y)
     k = _infer_k(y, num_classes)
     chunks = _chunked(h, y)
-    stats = ClassStats(k, low_memory=True)
+    stats = ClassStats(k, low_memory=True, check="eager")  # few big chunks: a sync each is free
     for hc, yc in chunks:
         stats.update(hc, yc)
     mom = _moments_from_stats(stats, allow_missing)
@@ -496,14 +631,27 @@ def _centred_means(mom: _Moments, global_mean: str = "classes") -> torch.Tensor:
 
 
 def _sigma_b_eig(m_tilde: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-zero eigenpairs of Sigma_B = M~^T M~ / K from the thin SVD of M~ (K', d), on the CPU.
+    """Non-zero eigenpairs of Sigma_B = M~^T M~ / K for M~ (K', d) given as rows mu_k - mu_G.
 
-    Returns ``U`` (d, r) on M~'s device and ``lambda`` (r,), keeping lambda > rtol * lambda_max."""
+    Returns ``U`` (d, r) on M~'s device and ``lambda`` (r,), keeping lambda > rtol * lambda_max.
+    Fast path: eigh of the K' x K' Gram M~ M~^T on the CPU (tiny), U = M~^T V / s. When the kept
+    spectrum spans more than 1e6 (where the Gram's squared condition number would cost digits)
+    the thin SVD of M~ itself is used instead."""
     k = m_tilde.shape[0]
-    _, s, vh = torch.linalg.svd(m_tilde.cpu(), full_matrices=False)
-    lam = s * s / k
-    if float(lam.max()) == 0:
+    m_cpu = m_tilde.cpu()
+    evals, evecs = torch.linalg.eigh(m_cpu @ m_cpu.T)
+    lam_max = float(evals[-1]) / k
+    if lam_max <= 0:
         raise ValueError("all class means coincide (Sigma_B = 0): NC1 is undefined")
+    lam = evals / k
+    keep = lam > rtol * lam_max
+    if float(lam[keep].min()) >= 1e-6 * lam_max:
+        s = evals[keep].sqrt()
+        v = evecs[:, keep].to(m_tilde.device)
+        u = (m_tilde.T @ v) / s.to(m_tilde.device)
+        return u, lam[keep].to(m_tilde.device)
+    _, sv, vh = torch.linalg.svd(m_cpu, full_matrices=False)
+    lam = sv * sv / k
     keep = lam > rtol * lam.max()
     return vh[keep].T.contiguous().to(m_tilde.device), lam[keep].to(m_tilde.device)
 
@@ -721,7 +869,7 @@ def class_means(
     _check_features(x)
     _check_labels(labels, x.shape[0])
     _check_same_device(x, labels)
-    stats = ClassStats(_infer_k(labels, num_classes), low_memory=True)
+    stats = ClassStats(_infer_k(labels, num_classes), low_memory=True, check="eager")
     for hc, yc in _chunked(x, labels):
         stats.update(hc, yc)
     return stats.means

@@ -316,6 +316,10 @@ def test_rank_deficient_between_class_and_tolerance():
     for K, d in ((10, 3), (3, 10)):
         H, y = make_data(K=K, d=d, per_class=20)
         assert rel(M.nc1(H, y), ref_nc1(H.numpy(), y.numpy(), K)) <= 1e-8
+    # a between-class spectrum spanning 1e8 (the exact SVD fallback) still matches the reference
+    H, y = make_data(K=4, d=6, per_class=25, spread=1e-3)
+    H[:, 0] += 1e4 * (y == 1)  # one class far away along one axis: lambda ratio ~1e-8
+    assert rel(M.nc1(H, y), ref_nc1(H.numpy(), y.numpy(), 4)) <= 1e-6
     # an rtol that keeps only the largest eigenvalue gives a smaller NC1
     H, y = make_data(K=5, d=8, per_class=20)
     assert M.nc1(H, y, rtol=0.999) < M.nc1(H, y)
@@ -362,6 +366,27 @@ def test_bad_inputs_raise_clear_errors():
         M.self_duality(H, y, y)
     with pytest.raises(ValueError, match="cannot merge"):
         ClassStats(3).merge(ClassStats(4))
+
+
+def test_deferred_check_raises_later_and_drops_the_bad_batch():
+    H, y = make_data(K=3, d=4, per_class=10)
+    s = ClassStats(3, check="deferred").update(H[:10], y[:10])
+    bad = H[10:20].clone()
+    bad[0, 0] = float("nan")
+    s.update(bad, y[10:20])  # no sync, no error yet
+    with pytest.raises(ValueError, match="1 non-finite"):
+        s.update(H[20:], y[20:])  # the previous batch's error fires first
+    s.update(H[20:], y[20:])
+    y_bad = y[10:20].clone()
+    y_bad[3] = 5
+    s.update(H[10:20], y_bad)
+    with pytest.raises(ValueError, match=r"values: 5"):
+        M.nc1(s)  # or at the next read
+    ref = ClassStats(3).update(H[:10], y[:10]).update(H[20:], y[20:])
+    assert s.num_samples == ref.num_samples
+    assert M.nc1(s) == pytest.approx(M.nc1(ref), rel=1e-12)
+    with pytest.raises(ValueError, match="check must be"):
+        ClassStats(3, check="later")
 
 
 def test_missing_classes_named_or_dropped():
