@@ -398,18 +398,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- evaluation
-def _pool(out: Any) -> torch.Tensor:
-    """A layer's output as one vector per sample: channel average for (B, C, H, W), token average for
-    (B, T, D), unchanged for (B, D)."""
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if out.ndim == 4:
-        return out.float().mean(dim=(2, 3))
-    if out.ndim == 3:
-        return out.float().mean(dim=1)
-    return out.float().flatten(1)
-
-
 def _resolve_layers(model: nn.Module, layerwise: bool | Sequence[int | str]) -> dict[str, nn.Module]:
     """``True``: every block of ``model.backbone``; ints: those blocks (1-based); strings: qualified
     module names in ``model``."""
@@ -448,6 +436,7 @@ def _resolve_layers(model: nn.Module, layerwise: bool | Sequence[int | str]) -> 
 def _evaluate(model: nn.Module, test: Any, dev: torch.device, d: _Dist, num_classes: int,
               layers: dict[str, nn.Module], batch_size: int, size: int | None, mean, std,
               amp: bool, channels_last: bool) -> dict[str, Any]:
+    from .features import pool_tap
     from .metrics import ClassStats, nc1
 
     was_training = model.training
@@ -458,7 +447,8 @@ def _evaluate(model: nn.Module, test: Any, dev: torch.device, d: _Dist, num_clas
 
     def tap(name: str) -> Callable:
         def hook(_module: nn.Module, _inputs: Any, out: Any) -> None:  # returns None: output kept
-            layer_stats[name].update(_pool(out), current["y"])
+            y = current["y"]
+            layer_stats[name].update(pool_tap(out, "avg", batch_size=len(y)), y)
         return hook
 
     hooks = [m.register_forward_hook(tap(name)) for name, m in layers.items()]
@@ -575,8 +565,8 @@ def fit(
 
     Evaluation every ``eval_every`` epochs (and after the last): test loss, accuracy and the
     penultimate NC1 of ``model.features(x)``; ``layerwise=True`` adds the NC1 of every backbone block
-    (channel-averaged CNN maps, token-averaged ViT outputs), ``layerwise=[1, 3, 5]`` of those blocks
-    (1-based) or of named modules.
+    (channel-averaged CNN maps, token-averaged ViT outputs: :func:`nclab.features.pool_tap`),
+    ``layerwise=[1, 3, 5]`` of those blocks (1-based, recorded as ``block1``...) or of named modules.
 
     ``cache_prefix=True`` (``layer``/``scl``/``layer_lora``, TensorDataset, no ``augment``): splits the
     model with :func:`nclab.finetune.split`, runs the frozen prefix once over the training set and
