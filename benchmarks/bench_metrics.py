@@ -119,6 +119,21 @@ def bench_nc1(args, dev: torch.device, rows: list) -> None:
 
     t_st, v_st = timed(streamed, dev, args.repeats)
     print(f"  ClassStats.update + nc1     {t_st * 1e3:10.1f} ms   rel.diff {abs(v_st - v_nc) / v_nc:.1e}")
+    # correctness on this device: batches of 256 (the CUDA-graph update path on GPUs) and a
+    # deferred bad-label error
+    batched = ClassStats(k)
+    for i in range(0, n, 256):
+        batched.update(h[i:i + 256], y[i:i + 256])
+    err_b = abs(nc1(batched) - v_nc) / v_nc
+    bad_y = y[:256].clone()
+    bad_y[0] = k
+    raised = False
+    try:
+        ClassStats(k).update(h[:256], bad_y).check()
+    except ValueError:
+        raised = True
+    print(f"  batches of 256: rel.diff {err_b:.1e} (must be <= 1e-9); bad label raised: {raised}")
+    assert err_b <= 1e-9 and raised, "ClassStats on this device disagrees with the direct route"
     if not args.skip_numpy:
         hn, yn = h.float().cpu().numpy(), y.cpu().numpy()
         t_np, v_np = timed(lambda: numpy_nc1(hn, yn, k), torch.device("cpu"), 1, warmup=0)

@@ -135,8 +135,21 @@ def _normalize_device(device: torch.device | str) -> torch.device:
     return device
 
 
+def _augmented(h: torch.Tensor) -> torch.Tensor:
+    """[h | 1 | ||h||^2] in float64 (N, d + 2): one index_add then gives sums, counts, norms."""
+    n, d = h.shape
+    aug = torch.empty(n, d + 2, dtype=_F64, device=h.device)
+    aug[:, :d].copy_(h)
+    aug[:, d].fill_(1.0)
+    torch.linalg.vecdot(aug[:, :d], aug[:, :d], out=aug[:, d + 1])
+    return aug
+
+
 class _Done:
     """Stands in for a completed CUDA event."""
+
+    def record(self) -> None:
+        return None
 
     def synchronize(self) -> None:
         return None
@@ -203,9 +216,7 @@ class ClassStats:
         self._graphs: dict = {}  # CUDA graphs of the deferred update, by (shape, dtype)
         self._host_flags: torch.Tensor | None = None
         self._event = None
-        self.counts: torch.Tensor | None = None
-        self.sums: torch.Tensor | None = None
-        self.sq_norms: torch.Tensor | None = None
+        self._acc: torch.Tensor | None = None  # (K, d + 2): [sums | counts | squared norms]
         self.second_moment: torch.Tensor | None = None  # (d, d), total
         self.class_second_moments: torch.Tensor | None = None  # (K, d, d)
         if dim is not None and self.device is not None:
@@ -216,17 +227,30 @@ class ClassStats:
         self._graphs = {}
         k = self.num_classes
         self.dim, self.device = dim, device
-        self.counts = torch.zeros(k, dtype=_F64, device=device)
-        self.sums = torch.zeros(k, dim, dtype=_F64, device=device)
-        self.sq_norms = torch.zeros(k, dtype=_F64, device=device)
+        self._acc = torch.zeros(k, dim + 2, dtype=_F64, device=device)
         if self.second_moments:
             self.class_second_moments = torch.zeros(k, dim, dim, dtype=_F64, device=device)
         elif not self.low_memory:
             self.second_moment = torch.zeros(dim, dim, dtype=_F64, device=device)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        names = ("counts", "sums", "sq_norms", "second_moment", "class_second_moments")
+        names = ("_acc", "second_moment", "class_second_moments")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    @property
+    def counts(self) -> torch.Tensor | None:
+        """n_k per class (K,), float64."""
+        return None if self._acc is None else self._acc[:, self.dim]
+
+    @property
+    def sums(self) -> torch.Tensor | None:
+        """sum_{i in k} h_i per class (K, d), float64."""
+        return None if self._acc is None else self._acc[:, : self.dim]
+
+    @property
+    def sq_norms(self) -> torch.Tensor | None:
+        """sum_{i in k} ||h_i||^2 per class (K,), float64."""
+        return None if self._acc is None else self._acc[:, self.dim + 1]
 
     def reset(self) -> ClassStats:
         """Zero every statistic (keeps K, d and the device)."""
@@ -241,10 +265,12 @@ class ClassStats:
         flags, event, h, y = self._pending
         self._pending = None
         event.synchronize()
-        bad_y, nonfinite = (int(v) for v in flags.tolist())
-        if bad_y or nonfinite:
-            nonfinite = int((~torch.isfinite(h)).sum()) if nonfinite else 0
-            _raise_bad(h, y, self.num_classes, nonfinite, bad_y)
+        bad_y, sq_total = flags.tolist()
+        if bad_y or not math.isfinite(sq_total):
+            nonfinite = int((~torch.isfinite(h)).sum()) if h.dtype.is_floating_point else 0
+            if not bad_y and not nonfinite:
+                raise ValueError("squared feature norms overflow float64: rescale the features")
+            _raise_bad(h, y, self.num_classes, nonfinite, int(bad_y))
         return self
 
     @property
@@ -314,7 +340,7 @@ class ClassStats:
         self.check()  # a previous batch's deferred error fires first
         if self.counts is None:
             self._allocate(h.shape[1], h.device)
-        n, d, k = h.shape[0], h.shape[1], self.num_classes
+        d, k = h.shape[1], self.num_classes
         y = y.long()
         deferred = self.check_mode == "deferred" or (self.check_mode == "auto"
                                                      and h.device.type != "cpu")
@@ -322,33 +348,23 @@ class ClassStats:
             graph = self._graph_for(h, y)
             if graph is not None:
                 return self._replay(graph, h, y)
-        y_safe = y.clamp(0, k - 1)
-        bad_y = (y_safe != y).sum()
-        nonfinite = (~torch.isfinite(h).all()) if h.dtype.is_floating_point else bad_y * 0
-        flags = torch.stack([bad_y, nonfinite.long()])
-        if not deferred:  # one device sync, before anything touches the state
-            bad, nf = flags.tolist()
-            if bad or nf:
-                _raise_bad(h, y, k, int((~torch.isfinite(h)).sum()) if nf else 0, bad)
-        # [h | 1 | ||h||^2] in float64, so one index_add gives sums, counts and squared norms
-        aug = torch.empty(n, d + 2, dtype=_F64, device=h.device)
-        h64 = aug[:, :d]
-        h64.copy_(h)
-        aug[:, d] = 1.0
-        torch.linalg.vecdot(h64, h64, out=aug[:, d + 1])
-        if deferred:  # a bad batch contributes nothing; its error is raised later
-            aug = torch.where(flags.sum() == 0, aug, 0.0)
-            h64 = aug[:, :d]
-            host = torch.empty(2, dtype=torch.long, pin_memory=h.device.type == "cuda")
+        if deferred:  # no sync: a bad batch adds zeros; its error is raised later
+            flags = torch.zeros(2, dtype=_F64, device=h.device)
+            h64 = self._accumulate_deferred(h, y, flags)
+            host = torch.empty(2, dtype=_F64, pin_memory=h.device.type == "cuda")
             host.copy_(flags, non_blocking=True)
-            event = torch.cuda.Event() if h.device.type == "cuda" else None
-            if event is not None:
-                event.record()
-            self._pending = (host, event if event is not None else _Done(), h, y)
-        batch = _class_sums(torch.zeros(k, d + 2, dtype=_F64, device=h.device), y_safe, aug)
-        self.sums += batch[:, :d]
-        self.counts += batch[:, d]
-        self.sq_norms += batch[:, d + 1]
+            event = torch.cuda.Event() if h.device.type == "cuda" else _Done()
+            event.record()
+            self._pending = (host, event, h, y)
+        else:  # one device sync, before anything touches the state
+            y_safe = y.clamp(0, k - 1)
+            bad, nf = torch.stack([(y_safe != y).sum(), (~torch.isfinite(h)).sum()
+                                   if h.dtype.is_floating_point else y.new_zeros(())]).tolist()
+            if bad or nf:
+                _raise_bad(h, y, k, nf, bad)
+            aug = _augmented(h)
+            h64 = aug[:, :d]
+            _class_sums(self._acc, y, aug)
         if self.class_second_moments is not None:
             order = torch.argsort(y)
             ys, hs = y[order], h64[order]
@@ -358,30 +374,27 @@ class ClassStats:
                 hc = hs[start:start + n_c]
                 self.class_second_moments[c].addmm_(hc.T, hc)
                 start += n_c
-        elif self.second_moment is not None:
+        elif self.second_moment is not None and not deferred:  # (deferred: added already)
             self.second_moment.addmm_(h64.T, h64)
         return self
 
     # ---------------------------------------------------------------- CUDA-graph update
-    def _accumulate_deferred(self, h: torch.Tensor, y: torch.Tensor, flags: torch.Tensor) -> None:
-        """The update's device work, with no host sync: a bad batch adds exact zeros."""
-        n, d, k = h.shape[0], h.shape[1], self.num_classes
+    def _accumulate_deferred(self, h: torch.Tensor, y: torch.Tensor,
+                             flags: torch.Tensor) -> torch.Tensor:
+        """The update's device work with no host sync (few kernels: it is also captured in a CUDA
+        graph). ``flags`` receives [number of bad labels, sum of squared norms] (the latter is
+        non-finite iff some feature is NaN/Inf); a bad batch adds exact zeros. Returns the
+        float64 features (zeroed for a bad batch)."""
+        d, k = h.shape[1], self.num_classes
         y_safe = y.clamp(0, k - 1)
-        bad_y = (y_safe != y).sum()
-        nonfinite = ((~torch.isfinite(h).all()).long() if h.dtype.is_floating_point
-                     else bad_y * 0)
-        flags.copy_(torch.stack([bad_y, nonfinite]))
-        aug = torch.empty(n, d + 2, dtype=_F64, device=h.device)
-        aug[:, :d].copy_(h)
-        aug[:, d] = 1.0
-        torch.linalg.vecdot(aug[:, :d], aug[:, :d], out=aug[:, d + 1])
-        aug = torch.where((bad_y + nonfinite) == 0, aug, 0.0)
-        batch = torch.zeros(k, d + 2, dtype=_F64, device=h.device).index_add_(0, y_safe, aug)
-        self.sums += batch[:, :d]
-        self.counts += batch[:, d]
-        self.sq_norms += batch[:, d + 1]
+        aug = _augmented(h)
+        torch.stack([(y_safe != y).sum().to(_F64), aug[:, d + 1].sum()], out=flags)
+        ok = (flags[0] == 0) & torch.isfinite(flags[1])
+        aug = torch.where(ok, aug, 0.0)
+        _class_sums(self._acc, y_safe, aug)
         if self.second_moment is not None:
             self.second_moment.addmm_(aug[:, :d].T, aug[:, :d])
+        return aug[:, :d]
 
     def _graph_for(self, h: torch.Tensor, y: torch.Tensor):
         """A captured CUDA graph of the deferred update for this batch shape (one kernel launch
@@ -395,7 +408,7 @@ class ClassStats:
                 with torch.cuda.device(h.device):
                     static_h = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
                     static_y = torch.full((h.shape[0],), -1, dtype=torch.long, device=h.device)
-                    flags = torch.zeros(2, dtype=torch.long, device=h.device)
+                    flags = torch.zeros(2, dtype=_F64, device=h.device)
                     side = torch.cuda.Stream()
                     side.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(side):  # warm-up: labels -1 make it add zeros
@@ -416,7 +429,7 @@ class ClassStats:
         static_y.copy_(y)
         g.replay()
         if self._host_flags is None:
-            self._host_flags = torch.empty(2, dtype=torch.long, pin_memory=True)
+            self._host_flags = torch.empty(2, dtype=_F64, pin_memory=True)
         self._host_flags.copy_(flags, non_blocking=True)
         if self._event is None:
             self._event = torch.cuda.Event()
