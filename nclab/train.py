@@ -57,6 +57,10 @@ __all__ = [
     "History",
     "NonFiniteLossError",
     "load_checkpoint",
+    "Truncated",
+    "layer_lp",
+    "tune_blocks",
+    "run_method",
 ]
 
 MIN_LR = 1e-4
@@ -77,6 +81,8 @@ TABLE4: dict[tuple[str, str], tuple[float, float]] = {
     ("vit", "scl"): (1e-2, 0.0),
     ("vit", "full"): (1e-3, 0.0),
     ("vit", "layer_lora"): (1e-2, 0.0),
+    ("cnn", "layer_lp"): (5e-2, 1e-4),
+    ("vit", "layer_lp"): (1e-2, 0.0),
 }
 _FAMILY_ALIASES = {"cnn": "cnn", "resnet": "cnn", "convnet": "cnn", "densenet": "cnn",
                    "mobilenet": "cnn", "vit": "vit", "transformer": "vit"}
@@ -95,7 +101,8 @@ def default_hparams(method: str, family: str) -> dict[str, float]:
     (``"cnn"``/``"resnet"`` or ``"vit"``): ``{"lr": ..., "weight_decay": ...}``.
 
     ResNet: lr 5e-2 for every method, weight decay 1e-4 (linear, Layer, SCL) or 5e-4 (MLP, Full).
-    ViT: lr 1e-2 (1e-3 for Full FT), weight decay 0. Layer LoRA takes Layer FT's values."""
+    ViT: lr 1e-2 (1e-3 for Full FT), weight decay 0. Layer LoRA and Layer LP (:func:`layer_lp`)
+    take Layer FT's values."""
     fam = _FAMILY_ALIASES.get(str(family).lower())
     if fam is None:
         raise ValueError(f"unknown backbone family {family!r}; valid: {', '.join(_FAMILY_ALIASES)}")
@@ -794,3 +801,120 @@ def _check_finite(bad_step: torch.Tensor, epoch: int, d: _Dist) -> None:
         raise NonFiniteLossError(
             f"the training loss became NaN/inf at epoch {epoch + 1}, step {bad + 1} of the epoch"
             f"{rank}: lower lr, check the inputs for NaN, or resume from the last checkpoint")
+
+
+# --------------------------------------------------------------------------- ablations (Fig. 9)
+class _Cut(Exception):
+    """Raised by a hook to stop a forward pass after the block it watches."""
+
+
+class Truncated(nn.Module):
+    """``backbone`` cut after Block k: ``forward(x)`` runs the backbone up to Block k only and
+    returns its output pooled to (B, C) (CNN: channel average; ViT: token average), so the layers
+    after Block k are dropped (they stay attached but never run). ``num_features`` = that width."""
+
+    def __init__(self, backbone: nn.Module, block: int) -> None:
+        super().__init__()
+        from .models import _block_width, blocks, family
+
+        units = blocks(backbone)
+        if not 1 <= block <= len(units):
+            raise ValueError(f"block {block} out of range: this backbone has blocks 1..{len(units)}")
+        self.backbone = backbone
+        self.block = block
+        self.block_name, self._unit = units[block - 1]
+        self.num_features = _block_width(family(backbone), self._unit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .features import pool_tap
+
+        store: list[Any] = []
+
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+            store.append(out)
+            raise _Cut
+
+        handle = self._unit.register_forward_hook(hook)
+        try:
+            self.backbone(x)
+        except _Cut:
+            pass
+        finally:
+            handle.remove()
+        if not store:
+            raise RuntimeError(f"Block {self.block} ({self.block_name}) did not run in forward")
+        return pool_tap(store[0], "avg", batch_size=len(x))
+
+
+def layer_lp(backbone: nn.Module, block: int, num_classes: int):
+    """Layer LP (the paper's Fig. 9a): drop every layer after Block k, pool Block k's output and
+    train Block k and a new linear head on it. Returns a :class:`nclab.finetune.FineTuned` with
+    ``method = "layer_lp"`` (a deep copy; ``backbone`` is untouched)."""
+    import copy
+
+    from .finetune import FineTuned
+
+    cut = Truncated(copy.deepcopy(backbone), block)
+    for p in cut.parameters():
+        p.requires_grad_(False)
+    for p in cut._unit.parameters():
+        p.requires_grad_(True)
+    head = nn.Linear(cut.num_features, num_classes)
+    return FineTuned(cut, head, "layer_lp", block=block, block_name=cut.block_name,
+                     num_classes=num_classes).train()
+
+
+def tune_blocks(backbone: nn.Module, blocks_to_tune: Sequence[int], num_classes: int):
+    """Fine-tune several blocks at once (Fig. 9b): a new linear head plus Blocks ``blocks_to_tune``
+    (1-based), everything else frozen; ``[]`` is linear probing. ``method`` is ``"layer"`` (Table 4
+    gives no separate rate), and ``tuned_blocks`` lists the blocks."""
+    from .finetune import prepare
+    from .models import blocks
+
+    model = prepare(backbone, "linear", num_classes=num_classes)
+    units = blocks(model.backbone)
+    for k in blocks_to_tune:
+        if not 1 <= k <= len(units):
+            raise ValueError(f"block {k} out of range: this backbone has blocks 1..{len(units)}")
+        for p in units[k - 1][1].parameters():
+            p.requires_grad_(True)
+    if blocks_to_tune:
+        model.method = "layer"
+    model.tuned_blocks = tuple(blocks_to_tune)
+    return model
+
+
+def run_method(
+    backbone: nn.Module,
+    method: str,
+    train: TensorDataset | Iterable,
+    test: TensorDataset | Iterable,
+    epochs: int,
+    *,
+    num_classes: int,
+    block: int | Sequence[int] | None = None,
+    seed: int = 0,
+    prepare_kwargs: dict[str, Any] | None = None,
+    **fit_kwargs: Any,
+) -> dict[str, Any]:
+    """One fine-tuning experiment: seed, prepare a copy of ``backbone`` for ``method`` (any of
+    :data:`nclab.finetune.METHODS`, ``"layer_lp"`` for :func:`layer_lp`, or ``"blocks"`` with a list
+    ``block=[...]`` for :func:`tune_blocks`), :func:`fit` it, and return one row: ``method``,
+    ``block``, ``seed``, ``test_acc``, ``nc1`` (penultimate), ``train_acc``, ``params_percent``
+    (:func:`nclab.finetune.trainable_percent`), ``layer_nc1``, ``seconds`` and the ``history``."""
+    from .finetune import prepare, trainable_percent
+
+    seed_everything(seed)
+    if method == "layer_lp":
+        model = layer_lp(backbone, block, num_classes)
+    elif method == "blocks":
+        model = tune_blocks(backbone, list(block or []), num_classes)
+    else:
+        model = prepare(backbone, method, block=block, num_classes=num_classes,
+                        **(prepare_kwargs or {}))
+    hist = fit(model, train, test, epochs, seed=seed, **fit_kwargs)
+    final = hist.final
+    return {"method": method, "block": block, "seed": seed, "test_acc": final["test_acc"],
+            "nc1": final["nc1"], "train_acc": hist.records[-1]["train_acc"],
+            "params_percent": trainable_percent(model), "layer_nc1": final.get("layer_nc1"),
+            "seconds": hist.config["seconds"], "history": hist}

@@ -357,3 +357,71 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     assert ddp["final"]["test_acc"] == hist.final["test_acc"]
     assert ddp["final"]["nc1"] == pytest.approx(hist.final["nc1"], rel=1e-4)
     assert ddp["final"]["train_loss"] == pytest.approx(hist.final["train_loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- with nclab.finetune
+def _backbone(seed: int = 0) -> ConvNetS:
+    torch.manual_seed(seed)
+    return ConvNetS(width=4, depth=3)
+
+
+@pytest.mark.parametrize("method", ["layer", "scl"])
+def test_cached_prefix_with_finetune_split(method):
+    from nclab.finetune import prepare
+
+    train, test = _data(seed=0), _data(per_class=6, seed=1)
+    kw = dict(epochs=2, lr=0.05, weight_decay=1e-4, batch_size=12, progress=False)
+    a = prepare(_backbone(), method, block=2, num_classes=3)
+    b = prepare(_backbone(), method, block=2, num_classes=3)
+    b.load_state_dict(a.state_dict())
+    h_cached = T.fit(a, train, test, cache_prefix=True, **kw)
+    h_plain = T.fit(b, train, test, frozen_prefix_stats=True, **kw)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+    assert h_cached.final["nc1"] == pytest.approx(h_plain.final["nc1"], rel=1e-4)
+
+
+def test_layer_lp_drops_later_layers():
+    bb = _backbone()
+    model = T.layer_lp(bb, 2, num_classes=3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters()
+                         if n.startswith(("backbone.backbone.features.1.", "head."))}
+    model.eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        z = bb.eval().features[1](bb.features[0](x)).mean(dim=(2, 3))  # pooled Block 2 output
+        torch.testing.assert_close(model(x), model.head(z))
+    assert model.num_features == 4 and model.method == "layer_lp"
+    with pytest.raises(ValueError, match="1..3"):
+        T.layer_lp(bb, 4, num_classes=3)
+
+
+def test_tune_blocks_trains_exactly_those_blocks():
+    model = T.tune_blocks(_backbone(), [2, 3], num_classes=3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters()
+                         if n.startswith(("backbone.features.1.", "backbone.features.2.", "head."))}
+    assert model.method == "layer" and model.tuned_blocks == (2, 3)
+    lp = T.tune_blocks(_backbone(), [], num_classes=3)
+    assert {n for n, p in lp.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    assert lp.method == "linear"
+
+
+def test_run_method_row():
+    from nclab.finetune import trainable_percent
+
+    train, test = _data(seed=0), _data(per_class=6, seed=1)
+    row = T.run_method(_backbone(), "scl", train, test, 2, num_classes=3, block=2, batch_size=16,
+                       layerwise=True, progress=False)
+    assert row["method"] == "scl" and row["block"] == 2 and row["seed"] == 0
+    assert 0 <= row["test_acc"] <= 1 and row["nc1"] > 0
+    assert set(row["layer_nc1"]) == {"backbone.features.0", "backbone.features.1",
+                                     "backbone.features.2"}
+    assert 0 < row["params_percent"] < 100
+    again = T.run_method(_backbone(), "scl", train, test, 2, num_classes=3, block=2,
+                         batch_size=16, progress=False)
+    assert again["test_acc"] == row["test_acc"]  # seeded: the same run twice
+    lp = T.run_method(_backbone(), "layer_lp", train, test, 1, num_classes=3, block=1,
+                      batch_size=16, progress=False)
+    assert lp["params_percent"] == pytest.approx(trainable_percent(T.layer_lp(_backbone(), 1, 3)))
