@@ -35,6 +35,7 @@ __all__ = [
     "Score",
     "feature_cases",
     "check_function",
+    "tensor_close",
     "check_sigma_w",
     "check_sigma_b",
     "check_nc1",
