@@ -298,10 +298,13 @@ def strip_classifier(model: nn.Module) -> nn.Module:
         if getattr(model, "num_classes", 0):
             model.reset_classifier(0)
         return model
-    # clip_vit
-    if model.proj is not None:
+    # clip_vit: the projection into the joint image-text space plays the classifier's role
+    # (zero-shot logits); a backbone loaded with projection=True (num_features == output_dim)
+    # keeps it on purpose
+    if model.proj is not None and getattr(model, "num_features", None) != model.output_dim:
         model.proj = None
-    model.num_features = model.transformer.width
+    if model.proj is None:
+        model.num_features = model.transformer.width
     return model
 
 
