@@ -13,13 +13,15 @@ scikit-learn's ``LogisticRegression(C=1 / (2 N weight_decay))`` objective divide
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ProbeResult", "linear_probe", "mlp_probe", "sklearn_C"]
+__all__ = ["ProbeResult", "linear_probe", "mlp_probe", "probe_layers", "sklearn_C"]
 
 
 @dataclass
@@ -47,6 +49,22 @@ class ProbeResult:
 
     def predict(self, h: torch.Tensor) -> torch.Tensor:
         return self.logits(h).argmax(1)
+
+
+@contextmanager
+def _cpu_threads_for(dev: torch.device, work: float, limit: float = 5e7):
+    """Run small CPU problems (``work`` = N·d·K below ``limit``) on one thread: they are bound by
+    per-operation overhead, and with several threads on a busy machine each tiny GEMM waits for
+    every thread (measured: 10x slower L-BFGS on 2 shared cores). Restores the thread count."""
+    if dev.type != "cpu" or work > limit or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def sklearn_C(weight_decay: float, n: int) -> float:
@@ -115,7 +133,7 @@ def linear_probe(
     max_iter: int = 300,
     device: torch.device | str | None = None,
     num_classes: int | None = None,
-    tol: float = 1e-6,
+    tol: float = 1e-5,
 ) -> ProbeResult:
     """Multinomial logistic regression on standardised features (objective in the module docstring),
     full batch, up to ``max_iter`` L-BFGS iterations (stops earlier when the gradient's largest entry
@@ -139,7 +157,7 @@ def linear_probe(
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    with torch.enable_grad(), _cpu_threads_for(ztr.device, ztr.numel() * k):
         opt.step(closure)
         loss = float(closure().detach())
     state = opt.state[opt._params[0]]
@@ -182,7 +200,7 @@ def mlp_probe(
     n = len(ytr)
     bs = n if batch_size is None else min(batch_size, n)
     steps = 0
-    with torch.enable_grad():
+    with torch.enable_grad(), _cpu_threads_for(ztr.device, n * (ztr.shape[1] + k) * hidden):
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen).to(ztr.device) if bs < n else None
             for i in range(0, n, bs):
@@ -197,3 +215,57 @@ def mlp_probe(
         final = float(F.cross_entropy(mlp(ztr), ytr))
     return ProbeResult(_acc(mlp, ztr, ytr), _acc(mlp, zte, yte), mlp[2].weight.detach(),
                        mlp[2].bias.detach(), mean, std, mlp, final, steps)
+
+
+def probe_layers(
+    model: nn.Module,
+    train: Iterable,
+    test: Iterable,
+    layers: Sequence[str] | None = None,
+    pool: str = "avg",
+    weight_decay: float = 1e-4,
+    max_iter: int = 300,
+    scores: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+):
+    """Layer by layer: downstream NC1 on the training features and linear-probe accuracy.
+
+    ``layers`` default to every fine-tuning unit of ``model`` (:func:`nclab.models.blocks`) followed
+    by ``"output"``. One :func:`nclab.features.extract` pass over ``train`` and one over ``test``
+    give every layer's pooled features; each layer gets ``nc1`` (paper eq. 4, on the training
+    features) and a :func:`linear_probe`. With ``scores`` also :func:`nclab.transfer.h_score` and
+    :func:`nclab.transfer.logme` of the training features.
+
+    Returns a pandas ``DataFrame``, one row per layer: ``layer`` (name), ``depth`` (1-based position
+    in ``layers``), ``dim``, ``nc1``, ``train_acc``, ``test_acc`` (fractions)
+    [, ``h_score``, ``logme``].
+    """
+    import pandas as pd
+
+    from .features import extract
+    from .metrics import nc1
+
+    if layers is None:
+        from .models import blocks
+
+        layers = [name for name, _ in blocks(model)] + ["output"]
+    layers = list(layers)
+    kw = dict(pool=pool, return_features=True, device=device, progress=progress)
+    tr, ytr = extract(model, train, layers, **kw)
+    te, yte = extract(model, test, layers, **kw)
+    k = int(max(ytr.max(), yte.max())) + 1
+    rows = []
+    for i, name in enumerate(layers, start=1):
+        res = linear_probe(tr[name], ytr, te[name], yte, weight_decay=weight_decay,
+                           max_iter=max_iter, num_classes=k)
+        row = dict(layer=name, depth=i, dim=tr[name].shape[1],
+                   nc1=float(nc1(tr[name].double(), ytr, num_classes=k)),
+                   train_acc=res.train_acc, test_acc=res.test_acc)
+        if scores:
+            from .transfer import h_score, logme
+
+            row["h_score"] = h_score(tr[name], ytr)
+            row["logme"] = logme(tr[name], ytr).score
+        rows.append(row)
+    return pd.DataFrame(rows)
