@@ -737,10 +737,11 @@ def _tiny_convnet() -> nn.Module:
 class SourceStudy:
     """Everything the chapter "Source collapse" runs, sized by a profile (see :func:`source_study`).
 
-    ``augmentation`` holds the Fig. 1 / Fig. 10 configurations (augmentation levels 1-5, then PGD
-    adversarial training at each ``adversarial_eps``); ``losses`` the Fig. 11 / App. B ones
-    (CE and MSE with 0-3 head layers, SupCon with 1-3). Each list repeats for every seed in
-    ``seeds``. ``run(configs)`` calls :func:`run_study` with this study's data and sizes.
+    ``augmentation`` holds the Fig. 1 / Fig. 10 configurations (augmentation levels 1-5 for every
+    seed in ``seeds``, then PGD adversarial training at level 3 for each attack size, first seed);
+    ``losses`` the Fig. 11 / App. B ones (CE and MSE with 0-3 head layers, SupCon with 1-3; ``smoke``
+    trims MSE to 0 and 3) for every seed, all at augmentation level 3. ``run(configs)`` calls
+    :func:`run_study` with this study's data and sizes.
     """
 
     profile: str
@@ -778,11 +779,17 @@ class SourceStudy:
         ])
 
 
-#: Sizes per profile that the profile itself does not carry.
+# projection-head depths per loss in the loss study (Fig. 11: CE/MSE without and with 1-3 layers,
+# SupCon with a linear or MLP head)
+_HEADS = {"ce": (0, 1, 2, 3), "mse": (0, 1, 2, 3), "supcon": (1, 2, 3)}
+
+#: Sizes per profile that the profile itself does not carry (``smoke`` trims the grid to fit CPU
+#: minutes: three attack sizes and MSE heads 0 and 3 only).
 _STUDY_SIZES: dict[str, dict] = {
     "smoke": dict(backbone=_tiny_convnet, backbone_name="ConvNetS(width=16, depth=3)",
                   image_size=16, lr=0.05, weight_decay=5e-4, batch_size=64, pgd_steps=2,
-                  adversarial_eps=(1, 2, 3, 5, 8), adv_seeds=1, probe_max_iter=100),
+                  adversarial_eps=(1, 3, 8), adv_seeds=1, probe_max_iter=100,
+                  heads={"ce": (0, 1, 2, 3), "mse": (0, 3), "supcon": (1, 2, 3)}),
     "course": dict(backbone=cifar_resnet18, backbone_name="CIFAR ResNet-18",
                    lr=0.1, weight_decay=5e-4, batch_size=256, pgd_steps=3,
                    adversarial_eps=(1, 2, 3, 5, 8), adv_seeds=1),
@@ -837,10 +844,9 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
     aug = [dict(group="augmentation", aug_level=lvl, seed=s) for s in seeds for lvl in AUG_LEVELS]
     aug += [dict(group="adversarial", aug_level=3, adversarial_eps=e, seed=s)
             for s in seeds[: sizes["adv_seeds"]] for e in sizes["adversarial_eps"]]
+    heads = sizes.get("heads", _HEADS)
     losses = [dict(group="loss", loss=loss, proj_head_layers=n, aug_level=3, seed=s)
-              for s in seeds for loss in ("ce", "mse") for n in (0, 1, 2, 3)]
-    losses += [dict(group="loss", loss="supcon", proj_head_layers=n, aug_level=3, seed=s)
-               for s in seeds for n in (1, 2, 3)]
+              for s in seeds for loss in LOSSES for n in heads[loss]]
     return SourceStudy(
         profile=prof.name, source=source, downstream_train=d_train, downstream_test=d_test,
         backbone=sizes["backbone"], backbone_name=sizes["backbone_name"],

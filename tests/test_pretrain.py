@@ -428,11 +428,11 @@ def test_smoke_source_study_splits_digits():
     assert st.downstream_train.classes == [str(d) for d in range(5, 10)]
     assert st.downstream_test.classes == st.downstream_train.classes
     assert {c["aug_level"] for c in st.augmentation} == {1, 2, 3, 4, 5}
-    assert {c["adversarial_eps"] for c in st.augmentation if "adversarial_eps" in c} == {1, 2, 3,
-                                                                                          5, 8}
+    assert {c["adversarial_eps"] for c in st.augmentation if "adversarial_eps" in c} == {1, 3, 8}
     pairs = {(c["loss"], c["proj_head_layers"]) for c in st.losses}
-    assert pairs == {("ce", n) for n in range(4)} | {("mse", n) for n in range(4)} | {
+    assert pairs == {("ce", n) for n in range(4)} | {("mse", 0), ("mse", 3)} | {
         ("supcon", n) for n in (1, 2, 3)}
+    assert {c["seed"] for c in st.losses} == {0, 1, 2}
     assert "source" in st.describe()
 
 
@@ -444,6 +444,11 @@ def test_course_source_study_runs_on_fake_cifar(monkeypatch):
     assert st.profile == "course" and st.backbone_name == "CIFAR ResNet-18"
     assert st.source.classes[0] == "cifar100-0" and st.downstream_train.classes[0] == "cifar10-0"
     assert st.epochs == 30 and st.seeds == (0, 1, 2)
+    assert {c["adversarial_eps"] for c in st.augmentation if "adversarial_eps" in c} == {1, 2, 3,
+                                                                                          5, 8}
+    pairs = {(c["loss"], c["proj_head_layers"]) for c in st.losses}
+    assert pairs == {(loss, n) for loss in ("ce", "mse") for n in range(4)} | {
+        ("supcon", n) for n in (1, 2, 3)}
     net = st.backbone()
     assert net.num_features == 512 and net(torch.zeros(1, 3, 32, 32)).shape == (1, 512)
     # one configuration of each kind the chapter runs, for one optimiser step each
