@@ -98,9 +98,8 @@ def _stub_def(lines: list[str], node: ast.AST, hint: str) -> list[str]:
 def _stub_class(lines: list[str], node: ast.ClassDef, hint: str) -> list[str]:
     out = _header_lines(lines, node)
     methods = [m for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    for i, m in enumerate(methods):
-        if i:
-            out.append("")
+    for m in methods:
+        out.append("")
         before = _hints_in(lines, (m.lineno - 2), m.lineno - 1)
         out += _stub_def(lines, m, " ".join(before) or hint)
     if not methods:
