@@ -1,0 +1,107 @@
+"""Cost of many layer taps in one pass: nclab.features.extract against a bare forward pass, in one run.
+
+The bare pass is ``model(x)`` under ``torch.inference_mode`` (bf16 autocast on CUDA, as extract)
+over the same batches, already on the device. ``extract`` taps every block (ViT-B/32: its 12
+encoder layers; ResNet-18: the stem ``maxpool`` + its 8 residual blocks) plus nothing else, pools
+each tap and streams it into per-layer ``ClassStats`` (float64); the second variant returns the
+pooled features instead. Target (issue 4): streaming ≤ 1.15× the bare pass. Random-init models:
+speed does not depend on the weights.
+
+    python benchmarks/bench_features.py --device cuda                  # 224 px, batch 256
+    python benchmarks/bench_features.py --quick                        # CPU, small, < 60 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from nclab.features import extract
+from nclab.models import blocks, load_backbone
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def taps(name: str, model: torch.nn.Module) -> list[str]:
+    units = [n for n, _ in blocks(model)]
+    return (["maxpool"] + units) if name.startswith("resnet") else units
+
+
+def bare(model, data, dev) -> None:
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                enabled=dev.type == "cuda"):
+        for x, _ in data:
+            model(x)
+
+
+def timed(fn, dev, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(name: str, dev: torch.device, batch: int, n_batches: int, size: int, classes: int,
+        repeats: int) -> dict:
+    kwargs = {"img_size": size} if name == "vit_b32" else {}
+    model = load_backbone(name, pretrained=False, **kwargs).to(dev).eval()
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(batch, 3, size, size, generator=gen).to(dev),
+             torch.randint(0, classes, (batch,), generator=gen).to(dev)) for _ in range(n_batches)]
+    layers = taps(name, model)
+    bare(model, data[:1], dev)  # warm-up (cuDNN autotune, allocator)
+    extract(model, data[:1], layers, num_classes=classes, progress=False)
+    t_bare = timed(lambda: bare(model, data, dev), dev, repeats)
+    t_stats = timed(lambda: extract(model, data, layers, num_classes=classes, progress=False),
+                    dev, repeats)
+    t_feats = timed(lambda: extract(model, data, layers, return_features=True, progress=False),
+                    dev, repeats)
+    n = batch * n_batches
+    return dict(model=name, taps=len(layers), images=n, bare_ips=n / t_bare,
+                stats_ratio=t_stats / t_bare, feats_ratio=t_feats / t_bare)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", nargs="+", default=["resnet18", "vit_b32"])
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--batches", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="small CPU-sized run (< 60 s)")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    batch = args.batch_size or (256 if cuda else 8 if args.quick else 32)
+    n_batches = args.batches or (20 if cuda else 2 if args.quick else 4)
+    size = args.image_size or (224 if cuda else 64 if args.quick else 224)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    print(f"device={dev} ({torch.cuda.get_device_name(dev) if cuda else 'cpu'}), batch={batch}, "
+          f"batches={n_batches}, {size} px, K={args.classes}, best of {args.repeats}")
+    print(f"{'model':10s} {'taps':>4s} {'bare img/s':>11s} {'stats/bare':>11s} {'feats/bare':>11s}")
+    worst = 0.0
+    for name in args.models:
+        r = run(name, dev, batch, n_batches, size, args.classes, args.repeats)
+        worst = max(worst, r["stats_ratio"])
+        print(f"{r['model']:10s} {r['taps']:4d} {r['bare_ips']:11.1f} {r['stats_ratio']:10.3f}x "
+              f"{r['feats_ratio']:10.3f}x")
+    print(f"summary: worst streaming ratio {worst:.3f}x (target <= 1.15x): "
+          f"{'PASS' if worst <= 1.15 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
