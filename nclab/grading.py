@@ -506,7 +506,7 @@ def check_cdnv(fn: Callable, seed: int = 0, points: float = 2.0, rtol: float = 1
 def _tiny_models_and_data(seed: int):
     """Hidden (model, data, K) cases for the layer-wise checks: random-init small nets on
     class-structured synthetic images."""
-    from .data import batches, synthetic_images
+    from .data import TensorDataset, batches, synthetic_images
     from .models import ConvNetS, ResNetS
 
     torch.manual_seed(seed)
@@ -516,8 +516,10 @@ def _tiny_models_and_data(seed: int):
     out = []
     for i, (name, model, k) in enumerate([("ResNetS(width=4)", resnet, 3),
                                           ("ConvNetS(width=4, depth=3)", convnet, 4)]):
-        train = synthetic_images(num_classes=k, per_class=12, size=16, seed=seed * 10 + 2 * i)
-        test = synthetic_images(num_classes=k, per_class=8, size=16, seed=seed * 10 + 2 * i + 1)
+        full = synthetic_images(num_classes=k, per_class=20, size=16, noise=0.3,
+                                seed=seed * 10 + i)  # one set of class patterns, split in two
+        train = TensorDataset(full.x[0::2], full.y[0::2], full.classes)
+        test = TensorDataset(full.x[1::2], full.y[1::2], full.classes)
         out.append((name, model, batches(train, 16), batches(test, 16), k))
     return out
 

@@ -142,3 +142,12 @@ def test_student_executes_with_only_not_implemented_and_scores_zero(sol, monkeyp
     assert points == 0 and max_points > 0
     assert "not implemented yet" in "".join(
         o.get("data", {}).get("text/plain", "") for o in nb.cells[-1].outputs)
+
+
+def test_cli_help_and_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "make-student" in capsys.readouterr().out
+    assert main(["make-student", str(SOLUTIONS[0]), str(SOLUTIONS[1]), "--out", "x.ipynb"]) == 2
+    assert "--out needs exactly one" in capsys.readouterr().err

@@ -167,3 +167,33 @@ def test_scl_model_properties():
     assert "should be frozen" in str(unfrozen)
     stubbed = G.check_scl_model(stub)
     assert stubbed.points == 0 and all(r.status == "not implemented" for r in stubbed.results)
+
+
+# ------------------------------------------------------------------ where to probe
+def _layerwise_nc1(model, data, layers):
+    from nclab import features, metrics
+
+    stats = features.extract(model, data, layers, progress=False)
+    return {name: metrics.nc1(stats[name]) for name in layers}
+
+
+def _probe_accuracy(model, train, test, layer):
+    from nclab import features, probe
+
+    f_tr, y_tr = features.extract(model, train, [layer], return_features=True, progress=False)
+    f_te, y_te = features.extract(model, test, [layer], return_features=True, progress=False)
+    return probe.linear_probe(f_tr[layer], y_tr, f_te[layer], y_te).test_acc
+
+
+def test_layerwise_nc1_and_probe_checks():
+    assert G.check_layerwise_nc1(_layerwise_nc1).full_marks
+    # every layer given the output's NC1: wrong values, named in the feedback
+    wrong = G.check_layerwise_nc1(
+        lambda m, d, layers: dict.fromkeys(layers, _layerwise_nc1(m, d, ["output"])["output"]))
+    assert wrong.points == 0 and "NC1 of layer" in wrong.results[0].message
+    missing = G.check_layerwise_nc1(lambda m, d, layers: _layerwise_nc1(m, d, layers[:-1]))
+    assert missing.points == 0 and "missing ['output']" in missing.results[0].message
+    assert G.check_probe_accuracy(_probe_accuracy).full_marks
+    pct = G.check_probe_accuracy(lambda *a: 100 * _probe_accuracy(*a))
+    assert pct.points == 0 and "percentage" in pct.results[0].message
+    assert G.check_probe_accuracy(stub).points == 0
