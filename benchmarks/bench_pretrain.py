@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny model and data (CPU, < 60 s)")
     ap.add_argument("--model", default=None, help="resnet18 (default on CUDA) or convnet_s")
-    ap.add_argument("--n", type=int, default=None, help="images (default 50000; 2048 quick)")
+    ap.add_argument("--n", type=int, default=None, help="images (default 50000; 1024 quick)")
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=None, help="default 256 (64 quick)")
     ap.add_argument("--aug-levels", default="1,3,5", help="comma-separated levels to time")
@@ -110,12 +110,14 @@ def main() -> None:
     dev = torch.device(args.device)
     quick = args.quick or dev.type == "cpu" and args.n is None
     model_name = args.model or ("convnet_s" if quick else "resnet18")
-    n = args.n or (2048 if quick else 50000)
+    n = args.n or (1024 if quick else 50000)
     batch = args.batch_size or (64 if quick else 256)
     amp = dev.type == "cuda" and not args.no_amp
     levels = [int(v) for v in args.aug_levels.split(",")]
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if quick and dev.type == "cpu":
+        torch.set_num_threads(1)  # tiny nets on a shared CPU: threads fight more than they help
 
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),

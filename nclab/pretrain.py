@@ -418,7 +418,8 @@ def _atomic_save(obj: object, path: Path) -> None:
 def _validate(backbone: nn.Module, source: TensorDataset, epochs: int, lr: float,
               batch_size: int, weight_decay: float, aug_level: int,
               adversarial_eps: float | None, loss: str, proj_head_layers: int,
-              temperature: float) -> None:
+              temperature: float, pgd_steps: int, pgd_step_size: float | None,
+              proj_dim: int | None) -> None:
     if not isinstance(backbone, nn.Module):
         raise ValueError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
     if not isinstance(getattr(backbone, "num_features", None), int):
@@ -448,6 +449,12 @@ def _validate(backbone: nn.Module, source: TensorDataset, epochs: int, lr: float
         raise ValueError(f"proj_head_layers must be 0, 1, 2 or 3, got {proj_head_layers!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not isinstance(pgd_steps, int) or pgd_steps < 1:
+        raise ValueError(f"pgd_steps must be a positive int, got {pgd_steps!r}")
+    if pgd_step_size is not None and pgd_step_size <= 0:
+        raise ValueError(f"pgd_step_size must be > 0 (absolute, pixel units), got {pgd_step_size}")
+    if proj_dim is not None and (not isinstance(proj_dim, int) or proj_dim < 1):
+        raise ValueError(f"proj_dim must be a positive int, got {proj_dim!r}")
 
 
 def pretrain(
@@ -488,7 +495,8 @@ def pretrain(
 
     ``adversarial_eps`` (units of 1/255, the paper uses 1, 2, 3, 5, 8) trains on l_inf PGD examples
     (:func:`pgd_attack`, ``pgd_steps`` steps of ``pgd_step_size``, absolute, default
-    ``2.5 * eps / steps``) crafted against the current model in pixel space, after augmentation.
+    ``2.5 * eps / steps``) crafted against the current model in pixel space, after augmentation;
+    the model stays in train mode during the attack, as in Madry et al.'s reference code.
 
     The backbone is trained in place. With ``cache`` the result is stored under
     :func:`cache_path` keyed by :func:`config_hash` of the architecture, initial weights, data and
@@ -498,7 +506,7 @@ def pretrain(
     :func:`nclab.data.batches` does by default.
     """
     _validate(backbone, source, epochs, lr, batch_size, weight_decay, aug_level, adversarial_eps,
-              loss, proj_head_layers, temperature)
+              loss, proj_head_layers, temperature, pgd_steps, pgd_step_size, proj_dim)
     dev = _resolve_device(device)
     hparams = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                    aug_level=aug_level, adversarial_eps=adversarial_eps, loss=loss,

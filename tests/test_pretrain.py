@@ -116,6 +116,8 @@ def test_pretrain_ce_learns_digits():
         (dict(epochs=1, adversarial_eps=-1), "1/255"),
         (dict(epochs=1, temperature=0), "temperature"),
         (dict(epochs=1, loss="supcon", adversarial_eps=2), "supcon"),
+        (dict(epochs=1, adversarial_eps=2, pgd_steps=0), "pgd_steps"),
+        (dict(epochs=1, proj_dim=0), "proj_dim"),
     ],
 )
 def test_pretrain_rejects_bad_arguments(kwargs, match):
@@ -458,3 +460,17 @@ def test_course_source_study_runs_on_fake_cifar(monkeypatch):
     df = st.run(picks, epochs=1, device="cpu", progress=False)
     assert len(df) == 4 and df[list(P.STUDY_COLUMNS)].notna().all().all()
     assert set(df["group"]) == {"augmentation", "adversarial", "loss"}
+
+
+def test_hue_rotation_matches_the_explicit_yiq_rotation():
+    x = 0.3 + 0.4 * _imgs(n=4)
+    turns = torch.tensor([0.0, 0.1, -0.25, 1.0])
+    out = P._rotate_hue(x, turns)
+    rgb2yiq = torch.tensor(P._RGB2YIQ, dtype=torch.float64)
+    for i, t in enumerate(turns.tolist()):
+        c, s = math.cos(2 * math.pi * t), math.sin(2 * math.pi * t)
+        rot = torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float64)
+        m = torch.linalg.inv(rgb2yiq) @ rot @ rgb2yiq
+        ref = torch.einsum("ij,jhw->ihw", m, x[i].double()).clamp(0, 1)
+        assert torch.allclose(out[i].double(), ref, atol=1e-5)
+    assert torch.allclose(out[0], x[0], atol=1e-5) and torch.allclose(out[3], x[3], atol=1e-5)
