@@ -368,8 +368,11 @@ def describe(model: FineTuned) -> pd.DataFrame:
     if not isinstance(model, FineTuned):
         raise TypeError(f"describe() takes a prepared model (nclab.finetune.prepare), got "
                         f"{type(model).__name__}")
-    word = "Layer" if family(model.backbone) in ("vit", "clip_vit") else "Block"
-    units = [n for n, _ in blocks(model.backbone)]
+    try:
+        word = "Layer" if family(model.backbone) in ("vit", "clip_vit") else "Block"
+        units = [n for n, _ in blocks(model.backbone)]
+    except TypeError:  # a backbone of another architecture: no per-unit rows
+        word, units = "Block", []
     groups: dict[str, list[int]] = {"backbone (outside the units)": [0, 0]}
     labels = {}
     for k, n in enumerate(units, start=1):
