@@ -374,12 +374,6 @@ def _alt_sigma_b_counts(h, y, k):
     return (c * (counts / counts.sum())[:, None]).T @ c
 
 
-def _alt_nc1_inverse(h, y, k):
-    sw = _ref_sigma_w(h, y, k)
-    sb = _ref_sigma_b(h, y, k)
-    return torch.trace(sw @ torch.linalg.pinv(sb)) / k if sb.shape[0] else None
-
-
 def _alt_nc1_no_k(h, y, k):
     return _ref_nc1(h, y, k) * k
 
