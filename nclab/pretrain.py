@@ -640,6 +640,7 @@ def run_study(
     eval_batch_size: int = 512,
     probe_weight_decay: float = 1e-4,
     probe_max_iter: int = 300,
+    extra_transfer: Mapping[str, tuple[TensorDataset, TensorDataset]] | None = None,
     device: torch.device | str | None = None,
     cache: bool = True,
     progress: bool = True,
@@ -659,7 +660,10 @@ def run_study(
     * ``transfer_acc`` / ``probe_train_acc``: accuracy of a linear probe
       (:func:`nclab.probe.linear_probe`, ``probe_weight_decay``, at most ``probe_max_iter``
       L-BFGS iterations) fitted on ``downstream_train`` features, on
-      ``downstream_test`` / on its own training set.
+      ``downstream_test`` / on its own training set;
+    * ``transfer_acc_<name>`` for every ``name: (train, test)`` in ``extra_transfer``: the same
+      linear-probe test accuracy on further downstream tasks (the paper's Fig. 1 measures NC1 on
+      CIFAR-10 and transfer on four datasets).
 
     Returns one row per configuration: ``label``, ``group``, every pre-training argument that any
     configuration sets (missing ones filled with :func:`pretrain`'s defaults) and
@@ -703,6 +707,12 @@ def run_study(
         row.update(source_nc1=nc1(src_stats),
                    downstream_nc1=nc1(h_tr, y_tr, num_classes=downstream_train.num_classes),
                    transfer_acc=probe.test_acc, probe_train_acc=probe.train_acc)
+        for name, (train_ds, test_ds) in (extra_transfer or {}).items():
+            h_a, y_a = _features(net, train_ds, eval_batch_size, dev, stats_only=False)
+            h_b, y_b = _features(net, test_ds, eval_batch_size, dev, stats_only=False)
+            row[f"transfer_acc_{name}"] = linear_probe(
+                h_a, y_a, h_b, y_b, weight_decay=probe_weight_decay, max_iter=probe_max_iter,
+                num_classes=train_ds.num_classes).test_acc
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -762,6 +772,7 @@ class SourceStudy:
     seeds: tuple[int, ...]
     pretrain_kwargs: dict = field(default_factory=dict)
     probe_max_iter: int = 300
+    extra_transfer: dict = field(default_factory=dict)
     augmentation: list[dict] = field(default_factory=list)
     losses: list[dict] = field(default_factory=list)
 
@@ -772,7 +783,7 @@ class SourceStudy:
         return run_study(configs, self.source, self.downstream_train, self.downstream_test,
                          backbone=self.backbone, epochs=epochs or self.epochs, device=device,
                          cache=cache, progress=progress, probe_max_iter=self.probe_max_iter,
-                         **self.pretrain_kwargs)
+                         extra_transfer=self.extra_transfer, **self.pretrain_kwargs)
 
     def describe(self) -> str:
         """One line per ingredient, for the chapter to print."""
@@ -782,6 +793,7 @@ class SourceStudy:
             f"source            {self.source!r}",
             f"downstream train  {self.downstream_train!r}",
             f"downstream test   {self.downstream_test!r}",
+            *(f"also transfer to  {name}: {tr!r}" for name, (tr, _) in self.extra_transfer.items()),
             f"configurations    {len(self.augmentation)} augmentation/adversarial, "
             f"{len(self.losses)} loss/head",
         ])
@@ -816,6 +828,29 @@ def _cap_per_class(ds: TensorDataset, n: int | None, seed: int = 0) -> TensorDat
     return ds if int(counts.min()) <= n else subset_per_class(ds, n, seed=seed)
 
 
+def _extra_transfer(names: Sequence[str], root: str | os.PathLike | None, size: int,
+                    cap: int | None) -> dict[str, tuple[TensorDataset, TensorDataset]]:
+    """Train/test pairs of further downstream datasets at ``size`` px; unavailable ones are skipped
+    with a warning that says how to get them."""
+    import warnings
+
+    from .data import DatasetUnavailableError, load, materialize
+
+    out = {}
+    for name in names:
+        try:
+            pair = []
+            for split in ("train", "test"):
+                ds = load(name, split, root=root, image_size=size)
+                pair.append(ds if isinstance(ds, TensorDataset) else materialize(ds))
+        except DatasetUnavailableError as err:
+            warnings.warn(f"source study: skipping downstream dataset {name!r}: {err}",
+                          stacklevel=3)
+            continue
+        out[name] = (_cap_per_class(pair[0], cap), pair[1])
+    return out
+
+
 def source_study(profile: Profile | str | None = None, root: str | os.PathLike | None = None
                  ) -> SourceStudy:
     """The chapter's study for ``profile`` (default: the active one).
@@ -824,7 +859,9 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
     dataset (``smoke``: digits) its classes are split, the first half the source task and the
     second half the downstream task. ``smoke`` trains a small ConvNet on digits 0-4 (at 16 px, to
     fit CPU time) and transfers to 5-9; ``course``/``paper`` train a CIFAR ResNet-18 on CIFAR-100
-    and transfer to CIFAR-10 (training images per class capped at ``profile.max_train_per_class``).
+    and transfer to CIFAR-10 (training images per class capped at ``profile.max_train_per_class``);
+    they also probe the other ``profile.downstream`` datasets at the source resolution
+    (``extra_transfer``; any that cannot be loaded are skipped with a warning).
     """
     from .data import class_subset, load
     from .runtime import profile as active_profile
@@ -848,6 +885,8 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
         if not isinstance(ds, TensorDataset):
             raise ValueError(f"the source study needs fixed-size image datasets; got {ds!r}")
     d_train = _cap_per_class(d_train, prof.max_train_per_class)
+    extra = {} if down_name == prof.source else _extra_transfer(
+        prof.downstream[1:], root, size or source.x.shape[-1], prof.max_train_per_class)
     seeds = tuple(prof.seeds)
     aug = [dict(group="augmentation", aug_level=lvl, seed=s) for s in seeds for lvl in AUG_LEVELS]
     aug += [dict(group="adversarial", aug_level=3, adversarial_eps=e, seed=s)
@@ -861,4 +900,4 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
         epochs=prof.pretrain_epochs, seeds=seeds, probe_max_iter=sizes.get("probe_max_iter", 300),
         pretrain_kwargs=dict(lr=sizes["lr"], weight_decay=sizes["weight_decay"],
                              batch_size=sizes["batch_size"], pgd_steps=sizes["pgd_steps"]),
-        augmentation=aug, losses=losses)
+        extra_transfer=extra, augmentation=aug, losses=losses)

@@ -438,6 +438,24 @@ def test_smoke_source_study_splits_digits():
     assert "source" in st.describe()
 
 
+def test_course_study_skips_unavailable_extra_datasets(monkeypatch):
+    import nclab.data
+    from nclab.data import DatasetUnavailableError
+
+    def load(name, split="train", root=None, image_size=None, **kwargs):
+        if name in ("cifar10", "cifar100"):
+            return _fake_load(name, split)
+        raise DatasetUnavailableError(f"{name} is not on disk")
+
+    monkeypatch.setattr(nclab.data, "load", load)
+    with pytest.warns(UserWarning) as record:
+        st = P.source_study("course")
+    assert st.extra_transfer == {}
+    skipped = " ".join(str(w.message) for w in record)
+    assert all(f"skipping downstream dataset {n!r}" in skipped
+               for n in ("dtd", "oxford_pets", "fgvc_aircraft"))
+
+
 def test_course_source_study_runs_on_fake_cifar(monkeypatch):
     import nclab.data
 
@@ -457,8 +475,11 @@ def test_course_source_study_runs_on_fake_cifar(monkeypatch):
     picks = [st.augmentation[4], next(c for c in st.augmentation if c["group"] == "adversarial"),
              next(c for c in st.losses if c["loss"] == "mse" and c["proj_head_layers"] == 3),
              next(c for c in st.losses if c["loss"] == "supcon" and c["proj_head_layers"] == 2)]
+    assert set(st.extra_transfer) == {"dtd", "oxford_pets", "fgvc_aircraft"}
     df = st.run(picks, epochs=1, device="cpu", progress=False)
     assert len(df) == 4 and df[list(P.STUDY_COLUMNS)].notna().all().all()
+    for name in st.extra_transfer:
+        assert df[f"transfer_acc_{name}"].between(0, 1).all()
     assert set(df["group"]) == {"augmentation", "adversarial", "loss"}
 
 
