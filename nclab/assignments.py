@@ -6,9 +6,9 @@ cell tag ``solution``. :func:`student_notebook` turns it into the student versio
 
 * a code solution cell keeps its top-level statements (imports, the lines that try the functions)
   and the signature and docstring of every top-level function (and of every method of a top-level
-  class); each body becomes ``raise NotImplementedError("<hint>")``. The hint is the text of the
-  ``# HINT:`` comment lines above or inside that function, else the cell's ``metadata["hint"]``,
-  else a generic one. ``# HINT:`` lines themselves are dropped;
+  class); each body becomes one line raising ``NotImplementedError("<hint>")``. The hint is
+  the text of the ``# HINT:`` comment lines above or inside that function, else the cell's
+  ``metadata["hint"]``, else a generic one. ``# HINT:`` lines themselves are dropped;
 * a markdown solution cell (a written answer) becomes an answer placeholder with the hint;
 * stub cells lose the ``solution`` tag and gain ``raises-exception`` (the book build and nbval then
   accept the expected ``NotImplementedError``); given cells tagged ``calls-solution`` (they run
@@ -50,6 +50,7 @@ __all__ = [
 SOLUTION_TAG = "solution"
 STUB_TAG = "raises-exception"
 CALLS_TAG = "calls-solution"
+STUB_ERROR = "NotImplementedError"  # what a stub raises (the graders score it as "not implemented")
 SOLUTION_SUFFIX = "_solution.ipynb"
 STUDENT_SUFFIX = "_student.ipynb"
 DEFAULT_HINT = "write your implementation here"
@@ -86,7 +87,7 @@ def _header_lines(lines: list[str], node: ast.AST) -> list[str]:
 
 
 def _raise_line(indent: str, hint: str) -> str:
-    return f"{indent}raise NotImplementedError({json.dumps(hint, ensure_ascii=False)})"
+    return f"{indent}raise {STUB_ERROR}({json.dumps(hint, ensure_ascii=False)})"
 
 
 def _stub_def(lines: list[str], node: ast.AST, hint: str) -> list[str]:
