@@ -335,6 +335,9 @@ def prepare(
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
     head = _make_head(d, num_classes, method, hidden)
+    ref = next(model.parameters(), None)
+    if ref is not None and ref.device.type != "meta":
+        head.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     ft = FineTuned(model, head, method, block=k, block_name=name, skip=skip,
                    freeze_norm=freeze_norm, num_classes=num_classes, lora_targets=targets)
     return ft.train()

@@ -477,7 +477,9 @@ def _fetch_pretrained(name: str, spec: _Spec, tag: str) -> str:
         if cached.is_file():
             return str(cached)
         if not offline and _reachable("download.pytorch.org"):
-            torch.hub.download_url_to_file(url, str(cached), progress=True)
+            # downloads into the torch hub cache, checking the hash in the file name
+            torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True,
+                                               weights_only=True)
             return str(cached)
         how = (f"download {url}\n  and either put it at {cached}\n  or pass "
                f"load_backbone({name!r}, weights='/path/to/{os.path.basename(url)}')")

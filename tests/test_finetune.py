@@ -334,3 +334,12 @@ def test_scl_wider_block_than_penultimate_is_refused(zoo):
         FT.prepare(clip, "scl", block=3, num_classes=3, copy=False)
     FT.prepare(clip, "layer", block=3, num_classes=3)  # fine without the skip
     FT.prepare(zoo["clip"][0], "scl", block=3, num_classes=3)  # ... and without the projection
+
+
+def test_head_follows_the_backbone_dtype_and_is_a_fresh_copy():
+    small = M.load_backbone("resnet_s", pretrained=False, width=4).double()
+    m = FT.prepare(small, "scl", num_classes=3)
+    assert m.head.weight.dtype == torch.float64
+    assert m(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 3)
+    assert M.blocks(m)[0][0] == "backbone.layer1.0"  # units of a prepared model, by its names
+    assert m.backbone.conv1.weight is not small.conv1.weight
