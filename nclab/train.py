@@ -84,6 +84,7 @@ TABLE4: dict[tuple[str, str], tuple[float, float]] = {
     ("cnn", "layer_lp"): (5e-2, 1e-4),
     ("vit", "layer_lp"): (1e-2, 0.0),
 }
+_TORCHVISION_224 = ("resnet", "densenet", "mobilenet_v2", "googlenet")
 _FAMILY_ALIASES = {"cnn": "cnn", "resnet": "cnn", "convnet": "cnn", "densenet": "cnn",
                    "mobilenet": "cnn", "vit": "vit", "transformer": "vit"}
 
@@ -301,14 +302,27 @@ def _input_size(model: nn.Module) -> int | None:
             size = getattr(m.visual, "image_size", None)
         if size is not None:
             return int(size[-1] if isinstance(size, (tuple, list)) else size)
+    try:  # torchvision's ImageNet families carry no input size: they were trained at 224 px
+        from .models import family
+
+        if family(getattr(model, "backbone", model)) in _TORCHVISION_224:
+            return 224
+    except TypeError:
+        pass
     return None
 
 
 def _norm_stats(model: nn.Module) -> tuple[Sequence[float], Sequence[float]]:
+    """The model's input normalisation (timm ``pretrained_cfg``, open_clip ``preprocess_cfg`` /
+    ``image_mean``), else ImageNet's."""
     for m in (model, getattr(model, "backbone", None)):
-        cfg = getattr(m, "pretrained_cfg", None) if m is not None else None
-        if isinstance(cfg, dict) and "mean" in cfg and "std" in cfg:
-            return tuple(cfg["mean"]), tuple(cfg["std"])
+        if m is None:
+            continue
+        for cfg in (getattr(m, "pretrained_cfg", None), getattr(m, "preprocess_cfg", None)):
+            if isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
+                return tuple(cfg["mean"]), tuple(cfg["std"])
+        if getattr(m, "image_mean", None) and getattr(m, "image_std", None):
+            return tuple(m.image_mean), tuple(m.image_std)
     return IMAGENET_MEAN, IMAGENET_STD
 
 

@@ -425,3 +425,12 @@ def test_run_method_row():
     lp = T.run_method(_backbone(), "layer_lp", train, test, 1, num_classes=3, block=1,
                       batch_size=16, progress=False)
     assert lp["params_percent"] == pytest.approx(trainable_percent(T.layer_lp(_backbone(), 1, 3)))
+
+
+def test_input_size_and_normalisation_from_the_model():
+    from nclab.models import load_backbone
+
+    tv = load_backbone("resnet18", pretrained=False)
+    assert T._input_size(tv) == 224  # torchvision ImageNet family
+    assert T._input_size(_backbone()) is None  # small nets keep the data's size
+    assert T._norm_stats(_backbone()) == (T.IMAGENET_MEAN, T.IMAGENET_STD)
