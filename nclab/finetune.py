@@ -5,18 +5,16 @@
 family, whose classifier is replaced) into a :class:`FineTuned` module
 ``x -> head(features(x))`` whose trainable parameters are exactly the method's:
 
-============== ============================================================================
-``linear``     a new linear head ``W h + b`` on frozen penultimate features ``h``
-``mlp``        a new 2-layer MLP head (hidden width 1024, the paper's footnote 6)
-``layer``      Layer FT: Block k (1-based, ``nclab.models.blocks(model)[k-1]``) + a new head
-``scl``        SCL FT: as ``layer``, and the penultimate feature becomes
-               ``h + pad(pool(z_k))`` — ``z_k`` the output of Block k, pooled (CNN: adaptive
-               average per channel; ViT: the token pooling of the penultimate feature), zero-padded
-               to the penultimate width; a parameter-free skip connection
-``full``       every parameter + a new head
-``layer_lora`` LoRA (rank 96 as in Table 5, via HF ``peft``) on Block k's linear/conv layers only,
-               + a new head
-============== ============================================================================
+- ``linear``: a new linear head ``W h + b`` on frozen penultimate features ``h``;
+- ``mlp``: a new 2-layer MLP head (hidden width 1024, the paper's footnote 6);
+- ``layer``: Layer FT, Block k (1-based, ``nclab.models.blocks(model)[k-1]``) + a new head;
+- ``scl``: SCL FT, as ``layer``, and the penultimate feature becomes ``h + pad(pool(z_k))``, with
+  ``z_k`` the output of Block k pooled (CNN: adaptive average per channel; ViT: the token pooling
+  of the penultimate feature) and zero-padded to the penultimate width: a parameter-free skip
+  connection;
+- ``full``: every parameter + a new head;
+- ``layer_lora``: LoRA (rank 96 as in Table 5, via HF ``peft``) on Block k's linear/conv layers
+  only, + a new head.
 
 Normalisation layers follow the module's mode: in ``train()`` BatchNorm uses batch statistics and
 updates its running mean/variance on the downstream data for *every* method, frozen or not (the

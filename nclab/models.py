@@ -6,19 +6,16 @@ features ``(B, d)`` (its classifier removed), with ``d`` in ``model.num_features
 :func:`load_backbone` builds one by name (torchvision, timm, open_clip or the small nets below);
 :func:`blocks` lists the units the paper fine-tunes one at a time, numbered from 1:
 
-=============== ============================================ =====================================
-family          units (``named_modules()`` names)             paper's choice
-=============== ============================================ =====================================
-ResNet          residual blocks ``layer1.0`` ... ``layer4.*`` ResNet-18 Block 5, ResNet-50 Block 8
-                                                              (both ``layer3.0``)
-DenseNet        dense blocks ``features.denseblock1..4``      (not stated; see below)
-MobileNetV2     inverted residuals ``features.1..17``         (not stated)
-GoogLeNet       inception modules ``inception3a`` ... ``5b``  (not stated)
-ViT (timm)      encoder layers ``blocks.0..11``               Layer 8 = ``blocks.7``
-CLIP (open_clip) encoder layers ``transformer.resblocks.*``   Layer 8
-ConvNetS        ``features.0`` ...                            —
-ResNetS         residual blocks ``layer1.0`` ...              —
-=============== ============================================ =====================================
+- ResNet (torchvision, timm, ``ResNetS``): the residual blocks ``layer1.0`` ... in order; the
+  paper's choice is the first block of the third stage (ResNet-18 Block 5, ResNet-50 Block 8, both
+  ``layer3.0``).
+- DenseNet: the dense blocks ``features.denseblock1`` ... ``features.denseblock4`` (see below).
+- MobileNetV2: the inverted residual blocks ``features.1`` ... ``features.17`` (Block k is
+  ``features.k``).
+- GoogLeNet (Inception v1): the inception modules ``inception3a`` ... ``inception5b``.
+- ViT (timm): the encoder layers ``blocks.0`` ... ``blocks.11``; the paper tunes Layer 8.
+- CLIP image tower (open_clip): the encoder layers ``transformer.resblocks.0`` ...; Layer 8.
+- ``ConvNetS``: its conv blocks ``features.0`` ...
 
 The paper (App. E) names the unit only for ResNets ("each residual block") and ViTs ("each encoder
 layer"). For DenseNet we take the *dense block* as the unit — the analogue of a ResNet stage
