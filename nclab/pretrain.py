@@ -579,7 +579,7 @@ def _train(backbone: nn.Module, source: TensorDataset, dev: torch.device, hp: di
 
     bar = tqdm(range(hp["epochs"]), desc=f"pretrain {loss_name}", disable=not progress,
                leave=False)
-    for _ in bar:
+    for epoch in bar:
         run_loss = torch.zeros((), device=dev)
         for x, y in loader:
             if loss_name == "supcon":
@@ -608,8 +608,12 @@ def _train(backbone: nn.Module, source: TensorDataset, dev: torch.device, hp: di
             opt.step()
             sched.step()
             run_loss += batch_loss.detach()
-        if progress:
-            bar.set_postfix(loss=f"{float(run_loss) / len(loader):.3f}")
+        mean_loss = float(run_loss) / len(loader)  # one sync per epoch
+        if not math.isfinite(mean_loss):
+            raise ValueError(f"pre-training diverged: the {loss_name} loss is {mean_loss} in epoch "
+                             f"{epoch + 1}; lower lr (now {hp['lr']}) or check the inputs. "
+                             "Nothing was cached.")
+        bar.set_postfix(loss=f"{mean_loss:.3f}")
 
 
 # --------------------------------------------------------------------------- study runner

@@ -125,6 +125,13 @@ def test_pretrain_rejects_bad_arguments(kwargs, match):
         P.pretrain(_net(), _tiny_source(), device="cpu", progress=False, **kwargs)
 
 
+def test_pretrain_raises_on_divergence_and_caches_nothing():
+    with pytest.raises(ValueError, match="diverged"):
+        P.pretrain(_net(), _tiny_source(), epochs=2, batch_size=16, lr=1e12, momentum=0.0,
+                   weight_decay=0.0, loss="mse", device="cpu", progress=False)
+    assert not list(P.cache_path("x").parent.glob("pretrain-*.pt"))
+
+
 def test_pretrain_rejects_non_tensor_dataset():
     with pytest.raises(ValueError, match="TensorDataset"):
         P.pretrain(_net(), [(torch.zeros(3, 8, 8), 0)], epochs=1, progress=False)
