@@ -224,7 +224,7 @@ def _lora_targets(block_name: str, block: nn.Module) -> tuple[list[str], list[st
         warnings.warn(
             f"layer_lora: nn.MultiheadAttention in {block_name!r} ({', '.join(skipped_attn)}) gets "
             "no LoRA (peft's adapter for it rewrites the frozen weights at every forward); only "
-            "its Linear layers are adapted", stacklevel=3)
+            "its Linear layers are adapted", stacklevel=4)
     return targets, list(targets)
 
 

@@ -75,6 +75,7 @@ def _first_bn(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, nn.BatchNorm2d)), None)
 
 
+@pytest.mark.filterwarnings("ignore:layer_lora")  # CLIP's attention gets no LoRA (tested below)
 @pytest.mark.parametrize("fam", ["resnet", "densenet", "mobilenet_v2", "vit", "clip"])
 @pytest.mark.parametrize("method", FT.METHODS)
 def test_method_trains_exactly_its_parameters(zoo, fam, method):
@@ -265,6 +266,7 @@ def test_norm_layers_follow_train_mode_and_freeze_norm(zoo):
     assert f.backbone.layer3[0].bn1.weight.requires_grad  # affine params still follow the method
 
 
+@pytest.mark.filterwarnings("ignore:layer_lora")
 @pytest.mark.parametrize("name", ["resnet18", "resnet_s", "convnet_s", "densenet121",
                                   "mobilenet_v2", "googlenet", "vit_b32", "clip_vit_b32"])
 def test_split_is_exact(zoo, name):
