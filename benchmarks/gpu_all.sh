@@ -8,7 +8,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFE
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__)"
-  for b in metrics train features transfer pretrain; do
+  for b in metrics train features transfer pretrain finetune_params; do
     echo "=== bench_$b (limit ${limit}s)"
     t0=$(date +%s)
     timeout "$limit" python3 "benchmarks/bench_$b.py" --device cuda 2>&1 | grep -v Warning
