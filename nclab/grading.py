@@ -294,16 +294,13 @@ def feature_cases(seed: int = 0) -> list[tuple[str, tuple[torch.Tensor, torch.Te
     def draw(lo: int, hi: int) -> int:
         return int(torch.randint(lo, hi + 1, (1,), generator=gen))
 
-    def make(k: int, counts: int | list[int], d: int, sub: int, dtype=torch.float64,
-             shuffle: bool = True, within: float = 1.0):
-        h, y = synthetic_features(num_classes=k, per_class=counts, dim=d, within_std=within,
+    def make(k: int, counts: int | list[int], d: int, sub: int, dtype=torch.float64):
+        h, y = synthetic_features(num_classes=k, per_class=counts, dim=d, within_std=1.0,
                                   between_scale=3.0 + 2.0 * float(torch.rand(1, generator=gen)),
                                   seed=seed * 1000 + sub)
         h = h + 2.0 * torch.randn(1, d, generator=gen, dtype=h.dtype)  # off-centre
-        if shuffle:
-            perm = torch.randperm(len(y), generator=gen)
-            h, y = h[perm], y[perm]
-        return h.to(dtype), y
+        perm = torch.randperm(len(y), generator=gen)  # labels in no particular order
+        return h[perm].to(dtype), y[perm]
 
     cases = []
     k, n, d = draw(3, 5), draw(6, 15), draw(4, 10)
