@@ -82,3 +82,26 @@ def test_standardisation_keeps_tiny_features_and_ignores_constant_ones():
     const = linear_probe(torch.cat([htr, pad], 1), ytr, torch.cat([hte, pad[: len(hte)]], 1), yte)
     assert const.test_acc == pytest.approx(ref.test_acc, abs=0.01)
     assert const.std[-1] == 1.0
+
+
+def test_probe_layers_matches_its_parts():
+    from nclab.data import batches, synthetic_images
+    from nclab.features import extract
+    from nclab.metrics import nc1
+    from nclab.models import ConvNetS
+    from nclab.probe import probe_layers
+    from nclab.transfer import h_score
+
+    torch.manual_seed(0)
+    model = ConvNetS(width=4, depth=3).eval()
+    tr = batches(synthetic_images(3, 12, size=16, seed=0), 16)
+    te = batches(synthetic_images(3, 6, size=16, seed=1), 16)
+    df = probe_layers(model, tr, te, scores=True, progress=False)
+    assert df.layer.tolist() == ["features.0", "features.1", "features.2", "output"]
+    assert df.depth.tolist() == [1, 2, 3, 4] and df.dim.tolist() == [4, 4, 8, 8]
+    f, y = extract(model, tr, ["features.1"], return_features=True, progress=False)
+    g, yt = extract(model, te, ["features.1"], return_features=True, progress=False)
+    row = df.set_index("layer").loc["features.1"]
+    assert row.nc1 == pytest.approx(nc1(f["features.1"].double(), y), rel=1e-9)
+    assert row.test_acc == linear_probe(f["features.1"], y, g["features.1"], yt).test_acc
+    assert row.h_score == pytest.approx(h_score(f["features.1"], y), rel=1e-9)
