@@ -51,6 +51,10 @@ book: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/jupyter-book build . --builder html -W --keep-going
 	@test -f _build/html/index.html && echo "book: _build/html/index.html"
 
+# Regenerate the student versions of the assignments from their solutions (deterministic).
+student: $(STAMP)
+	$(BIN)/nclab make-student $(SOLUTIONS)
+
 clean-book:
 	rm -rf _build
 
