@@ -108,3 +108,88 @@ def agreement_bars(table, x: str = "score", y: str = "estimate", low: str = "low
     if title:
         ax.set_title(title)
     return ax
+
+
+# --------------------------------------------------------------------------- neural-collapse geometry
+# (appended by the metrics / chapter 1 author)
+__all__ += ["simplex_etf_figure", "collapse_curves", "feature_scatter"]
+
+
+def simplex_etf_figure(ks: Sequence[int] = (3, 4)):
+    """Simplex ETFs drawn in their smallest space: K = 3 in 2-D, K = 4 in 3-D (vectors from the
+    origin, the polygon/tetrahedron of their tips). Returns the figure."""
+    import itertools
+
+    import matplotlib.pyplot as plt
+
+    from .metrics import simplex_etf
+
+    fig = plt.figure(figsize=(4.2 * len(ks), 4))
+    colors = plt.get_cmap("tab10").colors
+    for i, k in enumerate(ks):
+        m = simplex_etf(k).numpy()  # (K, K-1) unit rows, cosines -1/(K-1)
+        if k - 1 not in (2, 3):
+            raise ValueError(f"can only draw K = 3 (2-D) or K = 4 (3-D), got K = {k}")
+        ax = fig.add_subplot(1, len(ks), i + 1, projection="3d" if k == 4 else None)
+        for c, v in enumerate(m):
+            ax.plot(*[[0, t] for t in v], color=colors[c], lw=2.5)
+            ax.scatter(*[[t] for t in v], color=colors[c], s=50)
+        for a, b in itertools.combinations(range(k), 2):
+            ax.plot(*[[m[a, j], m[b, j]] for j in range(k - 1)], color="0.6", lw=0.8, ls="--")
+        ax.set_title(f"K = {k}: cosines = {-1 / (k - 1):.3f}")
+        if k == 3:
+            ax.set_aspect("equal")
+            ax.axhline(0, color="0.9", lw=0.5, zorder=0)
+            ax.axvline(0, color="0.9", lw=0.5, zorder=0)
+    fig.tight_layout()
+    return fig
+
+
+def collapse_curves(history, x: str = "iter", metrics: Sequence[str] = ("nc1", "etf_error",
+                                                                         "self_duality"),
+                    hue: str | None = None, axes=None, logy: bool = True, title: str | None = None):
+    """One panel per collapse metric against ``x`` (iteration or epoch), log scale, one line per
+    ``hue`` value (e.g. seed or split). ``history`` is a long-format DataFrame."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    if axes is None:
+        _, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2))
+    axes = np.atleast_1d(axes)
+    for ax, m in zip(axes, metrics):
+        sns.lineplot(data=history, x=x, y=m, hue=hue, ax=ax, legend=ax is axes[-1])
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(m)
+        ax.set_ylabel("")
+    if title:
+        axes[0].figure.suptitle(title)
+    axes[0].figure.tight_layout()
+    return axes
+
+
+def feature_scatter(H, y, ax=None, title: str | None = None, means: bool = True):
+    """Features projected on their top-2 principal directions (2-D features as they are), one colour
+    per class, class means as black-edged stars."""
+    import torch
+
+    ax = _axes(ax, (4, 4))
+    h = torch.as_tensor(H, dtype=torch.float64)
+    y = torch.as_tensor(y)
+    if h.shape[1] > 2:
+        c = h - h.mean(0)
+        _, _, vh = torch.linalg.svd(c, full_matrices=False)
+        h = c @ vh[:2].T
+    k = int(y.max()) + 1
+    pts = h.numpy()
+    ax.scatter(pts[:, 0], pts[:, 1], c=y.numpy(), cmap="tab10", vmin=0, vmax=9, s=10, alpha=0.6)
+    if means:
+        mu = torch.stack([h[y == c].mean(0) for c in range(k)]).numpy()
+        ax.scatter(mu[:, 0], mu[:, 1], c=np.arange(k), cmap="tab10", vmin=0, vmax=9, s=160,
+                   marker="*", edgecolors="k")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    return ax

@@ -1,0 +1,217 @@
+"""Watching collapse happen: the unconstrained features model and terminal-phase training.
+
+* :func:`train_ufm` - the unconstrained features model (UFM; Mixon et al. 2020, Zhu et al. 2021):
+  the features ``H`` are free variables trained jointly with a linear classifier ``W`` by plain
+  gradient descent on cross-entropy with weight decay,
+
+      min_{W, H, b}  (1/N) sum_i CE(W h_i + b, y_i) + (lambda/2) (||W||_F^2 + ||H||_F^2 + ||b||^2),
+
+  whose global minimisers are exactly neural collapse (NC1-NC3). NC metrics are recorded along
+  the way.
+* :func:`train_terminal_phase` - a small network trained past zero training error, with the NC
+  metrics of its penultimate features on train and test data every epoch and, at the end, NC1 of
+  every block (progressive collapse across depth).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import metrics
+
+__all__ = ["UFMResult", "train_ufm", "Classifier", "TerminalPhaseResult", "train_terminal_phase"]
+
+
+@dataclass
+class UFMResult:
+    """History (one row per recorded iteration) and the final features ``H`` (N, d), labels
+    ``y`` and classifier ``W`` (K, d), ``b`` (K,)."""
+
+    history: pd.DataFrame
+    H: torch.Tensor
+    y: torch.Tensor
+    W: torch.Tensor
+    b: torch.Tensor
+
+
+def train_ufm(
+    num_classes: int = 5,
+    dim: int = 16,
+    per_class: int = 20,
+    lr: float = 2.0,
+    weight_decay: float = 5e-4,
+    iters: int = 1500,
+    seed: int = 0,
+    record_every: int = 10,
+    init_scale: float = 1.0,
+    bias: bool = True,
+) -> UFMResult:
+    """Full-batch gradient descent on the UFM (see the module docstring), float64, on the CPU.
+
+    Features and classifier start as ``init_scale`` times standard Gaussians (seeded). Every
+    ``record_every`` iterations the history records ``loss``, training ``acc``, ``nc1``,
+    ``etf_error`` (of the class means) and ``self_duality`` (of ``W``)."""
+    if num_classes < 2 or dim < 1 or per_class < 1 or iters < 1:
+        raise ValueError("need num_classes >= 2 and positive dim, per_class, iters")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation overhead
+    try:
+        return _train_ufm(num_classes, dim, per_class, lr, weight_decay, iters, seed,
+                          record_every, init_scale, bias)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_ufm(num_classes, dim, per_class, lr, weight_decay, iters, seed, record_every,
+               init_scale, bias) -> UFMResult:
+    gen = torch.Generator().manual_seed(seed)
+    k, n = num_classes, num_classes * per_class
+    y = torch.arange(k).repeat_interleave(per_class)
+    H = (init_scale * torch.randn(n, dim, generator=gen, dtype=torch.float64)).requires_grad_()
+    W = (init_scale * torch.randn(k, dim, generator=gen, dtype=torch.float64)).requires_grad_()
+    b = torch.zeros(k, dtype=torch.float64, requires_grad=bias)
+    params = [H, W] + ([b] if bias else [])
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=weight_decay)
+    rows = []
+    for it in range(iters + 1):
+        logits = H @ W.T + b
+        loss = F.cross_entropy(logits, y)
+        if it % record_every == 0 or it == iters:
+            with torch.no_grad():
+                h = H.detach()
+                rows.append({
+                    "iter": it,
+                    "loss": float(loss),
+                    "acc": float((logits.argmax(1) == y).double().mean()),
+                    "nc1": metrics.nc1(h, y, num_classes=k),
+                    "etf_error": metrics.etf_error(h, y, num_classes=k),
+                    "self_duality": metrics.self_duality(h, W.detach(), y, num_classes=k),
+                })
+        if it == iters:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return UFMResult(pd.DataFrame(rows), H.detach(), y, W.detach(), b.detach())
+
+
+class Classifier(nn.Module):
+    """A backbone (images -> penultimate features, ``num_features`` wide) with a linear head."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@dataclass
+class TerminalPhaseResult:
+    """Per-epoch history (train/test accuracy and NC metrics), per-block NC1 at the end (train and
+    test), and the trained model."""
+
+    history: pd.DataFrame
+    layers: pd.DataFrame
+    model: Classifier
+    extra: dict = field(default_factory=dict)
+
+
+def _report(model: Classifier, data, k: int, device, layers: Sequence[str] = ()) -> dict:
+    from .features import extract
+
+    names = ["backbone"] + [f"backbone.{n}" for n in layers]
+    stats = extract(model, data, names, num_classes=k, device=device, amp=False,
+                    progress=False)
+    pen = stats["backbone"]
+    rep = metrics.collapse_report(pen, W=model.head.weight.detach().to(pen.device))
+    out = {"nc1": rep.nc1, "cdnv": rep.cdnv, "etf_error": rep.etf_error,
+           "equinorm": rep.equinorm, "self_duality": rep.self_duality}
+    out["layers"] = {n: metrics.nc1(stats[f"backbone.{n}"]) for n in layers}
+    return out
+
+
+def train_terminal_phase(
+    backbone: nn.Module,
+    train,
+    test,
+    epochs: int,
+    *,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    batch_size: int = 64,
+    layers: Sequence[str] = (),
+    eval_every: int = 1,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> TerminalPhaseResult:
+    """Train ``backbone`` + a linear head with SGD (momentum 0.9, cosine rate, weight decay) and
+    cross-entropy on ``train`` (a :class:`nclab.data.TensorDataset`), no augmentation, recording
+    every ``eval_every`` epochs the training loss/accuracy, test accuracy and NC1, CDNV, ETF error,
+    equinorm and self-duality of the penultimate features on train and test data. At the end,
+    NC1 of each backbone module in ``layers`` (qualified names, e.g. ``features.0``) on both."""
+    from .data import batches
+    from .runtime import device as default_device
+    from .runtime import seed_everything
+
+    dev = torch.device(device) if device is not None else default_device()
+    seed_everything(seed)
+    k = train.num_classes if hasattr(train, "num_classes") else int(train.y.max()) + 1
+    model = Classifier(backbone, k).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    train_batches = batches(train, batch_size, shuffle=True, device=dev, seed=seed)
+    steps = epochs * len(train_batches)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    eval_train = batches(train, 256, device=dev)
+    eval_test = batches(test, 256, device=dev)
+    rows = []
+    epoch_iter = range(1, epochs + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_iter = tqdm(epoch_iter, desc="terminal phase", leave=False)
+    for epoch in epoch_iter:
+        model.train()
+        tot, correct, count = 0.0, 0, 0
+        for x, y in train_batches:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            count += len(y)
+        if epoch % eval_every and epoch != epochs:
+            continue
+        model.eval()
+        with torch.no_grad():
+            test_acc = sum(int((model(x).argmax(1) == y).sum()) for x, y in eval_test) / len(test)
+        row = {"epoch": epoch, "train_loss": tot / count, "train_acc": correct / count,
+               "test_acc": test_acc}
+        for split, data in (("train", eval_train), ("test", eval_test)):
+            rep = _report(model, data, k, dev)
+            row.update({f"{m}_{split}": v for m, v in rep.items() if m != "layers"})
+        rows.append(row)
+    layer_rows = []
+    if layers:
+        for split, data in (("train", eval_train), ("test", eval_test)):
+            rep = _report(model, data, k, dev, layers)
+            layer_rows += [{"layer": n, "depth": i + 1, "split": split, "nc1": v}
+                           for i, (n, v) in enumerate(rep["layers"].items())]
+            layer_rows.append({"layer": "penultimate", "depth": len(layers) + 1, "split": split,
+                               "nc1": rep["nc1"]})
+    model.eval()
+    return TerminalPhaseResult(pd.DataFrame(rows), pd.DataFrame(layer_rows), model)

@@ -1,0 +1,62 @@
+"""nclab.collapse (UFM, terminal-phase training), nclab.widgets and the NC figures in nclab.plots."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import nclab  # noqa: E402
+from nclab import metrics, plots, widgets  # noqa: E402
+from nclab.collapse import train_terminal_phase, train_ufm  # noqa: E402
+
+
+def test_ufm_collapses_and_records_history():
+    r = train_ufm(num_classes=4, dim=8, per_class=5, lr=8.0, iters=400, record_every=100, seed=1)
+    h = r.history
+    assert list(h.iter) == [0, 100, 200, 300, 400]
+    assert h.nc1.iloc[-1] < h.nc1.iloc[0] / 100
+    assert h.self_duality.iloc[-1] < h.self_duality.iloc[0]
+    assert h.acc.iloc[-1] == 1.0
+    # the recorded values are the metrics of the returned features
+    assert h.nc1.iloc[-1] == pytest.approx(metrics.nc1(r.H, r.y), rel=1e-9)
+    assert r.W.shape == (4, 8) and r.H.shape == (20, 8)
+    assert torch.get_num_threads() >= 1
+    with pytest.raises(ValueError):
+        train_ufm(num_classes=1)
+
+
+def test_terminal_phase_history_and_layers():
+    ds = nclab.data.synthetic_images(num_classes=3, per_class=12, size=16, seed=0)
+    backbone = nclab.models.ConvNetS(width=4, depth=2)
+    r = train_terminal_phase(backbone, ds, ds, epochs=2, lr=0.05, batch_size=12,
+                             layers=["features.0"], device="cpu", progress=False)
+    assert list(r.history.epoch) == [1, 2]
+    for col in ("train_acc", "test_acc", "nc1_train", "nc1_test", "etf_error_train",
+                "self_duality_test", "cdnv_train"):
+        assert col in r.history
+    assert set(r.layers.layer) == {"features.0", "penultimate"}
+    # the recorded penultimate NC1 is that of the model's features on the data
+    x = nclab.data.normalize(ds.x.float() / 255)
+    with torch.no_grad():
+        h = r.model.features(x)
+    assert r.history.nc1_train.iloc[-1] == pytest.approx(metrics.nc1(h, ds.y), rel=1e-6)
+
+
+def test_explorer_static_fallback_and_figures():
+    assert widgets._has_widgets() is False  # no IPython kernel under pytest
+    fig = widgets.collapse_explorer()
+    assert isinstance(fig, plt.Figure) and len(fig.explorer_values) == 3
+    v = fig.explorer_values
+    assert v[1]["NC1"] < v[0]["NC1"]
+    h, y = widgets.collapse_example(3, within=0.0, between=1.0)
+    assert metrics.etf_error(h, y) < 1e-12  # 3 equally spaced means in 2-D: a simplex ETF
+    plt.close("all")
+    assert plots.simplex_etf_figure((3, 4)) is not None
+    with pytest.raises(ValueError):
+        plots.simplex_etf_figure((5,))
+    plt.close("all")
