@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 MIN_LR = 1e-4
-"""The floor of the cosine schedule (App. E: the rate decays from its start towards 1e-4)."""
+"""The floor of the cosine schedule; App. E lets the rate decay from its start towards 1e-4."""
 
 # Table 4 of the paper: (learning rate, weight decay) per backbone family and method.
 # Layer LoRA is not in Table 4; it uses Layer FT's values.
@@ -912,7 +912,7 @@ def run_method(
     **fit_kwargs: Any,
 ) -> dict[str, Any]:
     """One fine-tuning experiment: seed, prepare a copy of ``backbone`` for ``method`` (any of
-    :data:`nclab.finetune.METHODS`, ``"layer_lp"`` for :func:`layer_lp`, or ``"blocks"`` with a list
+    ``nclab.finetune.METHODS``, ``"layer_lp"`` for :func:`layer_lp`, or ``"blocks"`` with a list
     ``block=[...]`` for :func:`tune_blocks`), :func:`fit` it, and return one row: ``method``,
     ``block``, ``seed``, ``test_acc``, ``nc1`` (penultimate), ``train_acc``, ``params_percent``
     (:func:`nclab.finetune.trainable_percent`), ``layer_nc1``, ``seconds`` and the ``history``."""
