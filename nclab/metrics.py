@@ -23,6 +23,12 @@ so only the projections of the centred features on r directions are needed. With
 :class:`ClassStats` instead keeps the d x d second moment so that one streaming pass suffices.
 :func:`nc1_lowmem` runs the two-pass route on any re-iterable stream (features too wide for d x d).
 
+Streaming on a GPU: ``ClassStats.update`` does not synchronise with the host there (by default):
+its input checks run on the device, a bad batch adds nothing, and the ``ValueError`` is raised by
+the next ``update`` or read (``check="eager"`` raises inside the same call instead, at the cost of
+one sync per call). The update of a given batch shape is captured once as a CUDA graph, so each
+further update is a handful of launches - this keeps many layer taps cheap next to a forward pass.
+
 Pseudo-inverse tolerance: eigenvalues of ``Sigma_B`` at most ``rtol * lambda_max`` are treated as
 zero, ``rtol = 1e-10`` by default (NumPy's ``pinv`` default, 1e-15, lies below the rounding noise of
 an explicitly formed d x d float64 ``Sigma_B`` once d is in the thousands).
