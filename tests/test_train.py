@@ -434,3 +434,14 @@ def test_input_size_and_normalisation_from_the_model():
     assert T._input_size(tv) == 224  # torchvision ImageNet family
     assert T._input_size(_backbone()) is None  # small nets keep the data's size
     assert T._norm_stats(_backbone()) == (T.IMAGENET_MEAN, T.IMAGENET_STD)
+
+
+def test_out_of_memory_suggests_a_batch_size():
+    class Exploding(Tiny):
+        def forward(self, x):
+            raise T._OOM("CUDA out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="batch_size=16") as err:
+        T.fit(Exploding(), _data(per_class=8), None, epochs=1, lr=0.05, weight_decay=0,
+              batch_size=32, progress=False)
+    assert isinstance(err.value.__cause__, T._OOM)
