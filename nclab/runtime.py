@@ -97,7 +97,7 @@ PROFILES: dict[str, Profile] = {
         episodes=100,
         fewshot_dataset="digits_fs",
         fewshot_scale=0.125,
-        fewshot_epochs=8,
+        fewshot_epochs=5,
     ),
     "course": Profile(
         name="course",
