@@ -8,6 +8,7 @@ runtime helpers are re-exported here; the rest lives in its submodule (``nclab.f
 from __future__ import annotations
 
 from . import (  # noqa: F401  (submodules are part of the public API)
+    collapse,
     data,
     features,
     fewshot,
@@ -22,6 +23,7 @@ from . import (  # noqa: F401  (submodules are part of the public API)
     stats,
     train,
     transfer,
+    widgets,
 )
 from .metrics import *  # noqa: F401,F403
 from .runtime import *  # noqa: F401,F403
