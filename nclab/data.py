@@ -284,6 +284,7 @@ class _Remote:
     fixed_size: bool
 
 
+#: The registry of :func:`load`: name -> where the data come from.
 DATASETS: dict[str, _Remote | str] = {
     "digits": "offline: scikit-learn's digits (10 classes, 32x32)",
     "cifar10": _Remote("CIFAR10", "cifar-10-batches-py",

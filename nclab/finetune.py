@@ -52,6 +52,7 @@ __all__ = [
     "BLOCK_METHODS",
     "METHODS",
     "FineTuned",
+    "SkipPool",
     "describe",
     "lora_modules",
     "prepare",
@@ -59,7 +60,9 @@ __all__ = [
     "trainable_percent",
 ]
 
+#: The fine-tuning methods :func:`prepare` knows.
 METHODS: tuple[str, ...] = ("linear", "mlp", "layer", "scl", "full", "layer_lora")
+#: The methods that tune one block (they need ``block=``).
 BLOCK_METHODS: tuple[str, ...] = ("layer", "scl", "layer_lora")
 _CNN = ("resnet", "timm_resnet", "densenet", "timm_densenet", "mobilenet_v2", "googlenet",
         "convnet_s", "resnet_s")
@@ -441,7 +444,7 @@ def split(model: FineTuned) -> tuple[nn.Module, nn.Module]:
 
     ``linear``/``mlp``: prefix = the whole backbone, suffix = the head. ``layer``/``scl``/
     ``layer_lora``: prefix = everything before Block k (no trainable parameter), suffix =
-    :class:`Suffix` (Block k, the rest of the backbone, the SCL skip, the head). ``full`` has no
+    a ``Suffix`` module (Block k, the rest of the backbone, the SCL skip, the head). ``full`` has no
     frozen prefix: ``ValueError``. Every supported family splits (ResNet, DenseNet, MobileNetV2,
     GoogLeNet, timm ViT, open_clip ViT, the small nets).
 

@@ -41,6 +41,7 @@ from torch import nn
 
 __all__ = [
     "BACKBONES",
+    "FAMILIES",
     "ConvNetS",
     "ResNetS",
     "WeightsUnavailableError",
@@ -132,6 +133,7 @@ class ResNetS(nn.Module):
 
 # --------------------------------------------------------------------------- families
 
+#: The backbone families :func:`blocks` and :mod:`nclab.finetune` understand.
 FAMILIES = ("resnet", "timm_resnet", "densenet", "timm_densenet", "mobilenet_v2", "googlenet",
             "vit", "clip_vit", "convnet_s", "resnet_s")
 
@@ -417,6 +419,7 @@ class _Spec:
     about: str
 
 
+#: The registry of :func:`load_backbone`: name -> (source, architecture, description).
 BACKBONES: dict[str, _Spec] = {
     "resnet18": _Spec("torchvision", "resnet18", "torchvision ResNet-18 (ImageNet-1k)"),
     "resnet34": _Spec("torchvision", "resnet34", "torchvision ResNet-34 (ImageNet-1k)"),
