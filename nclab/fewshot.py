@@ -211,6 +211,7 @@ def make_backbone(name: str, scale: float = 1.0, **kwargs) -> nn.Module:
 
 # =========================================================================== splits
 SPLITS = ("train", "val", "test")
+#: The few-shot datasets :func:`load_split` knows.
 FEWSHOT_DATASETS = ("cifar_fs", "miniimagenet", "digits_fs")
 
 
@@ -263,7 +264,7 @@ def cifar_fs(
     root: str | Path | None = None,
     cifar100: Sequence[TensorDataset] | None = None,
 ) -> TensorDataset:
-    """A CIFAR-FS split (Bertinetto et al., 2019) as a :class:`TensorDataset` of 32x32 images.
+    """A CIFAR-FS split (Bertinetto et al., 2019) as a :class:`~nclab.data.TensorDataset` of 32x32 images.
 
     As in the standard protocol, each class keeps all its 600 CIFAR-100 images (the official train
     and test images of that class merged). ``cifar100`` may pass the CIFAR-100 datasets to merge
@@ -286,7 +287,7 @@ def mini_imagenet(
     progress: bool = True,
 ) -> TensorDataset:
     """A miniImageNet split (Vinyals et al. 2016; split of Ravi & Larochelle 2017) from a local
-    folder, as a :class:`TensorDataset` of ``image_size`` x ``image_size`` uint8 images.
+    folder, as a :class:`~nclab.data.TensorDataset` of ``image_size`` x ``image_size`` uint8 images.
 
     Layout: one folder per wnid holding its images, either ``root/<split>/<wnid>/*.jpg`` or
     ``root/<wnid>/*.jpg``; ``root`` defaults to ``$NCLAB_DATA/miniimagenet``. Images are converted
@@ -474,7 +475,7 @@ def embed(
     """Embeddings ``(N, d)`` (float32, CPU) and labels ``(N,)`` of a whole split under the frozen
     ``encoder`` in eval mode, each row scaled to unit L2 norm when ``l2_normalize``.
 
-    A :class:`TensorDataset` (or uint8 images) goes through :func:`nclab.data.batches` (the same
+    A :class:`~nclab.data.TensorDataset` (or uint8 images) goes through :func:`nclab.data.batches` (the same
     normalisation as training); float images are fed as they are."""
     from tqdm.auto import tqdm
 
@@ -672,8 +673,8 @@ def evaluate(
     **kwargs,
 ) -> FewShotReport:
     """Few-shot accuracy (mean ± 95 % CI over episodes) and query NC1 of a frozen ``encoder`` on a
-    meta-test split (a :class:`TensorDataset` or ``(images, labels)``): the whole split is embedded
-    once (:func:`embed`, L2-normalised as Tian et al.) and reused by every episode
+    meta-test split (a :class:`~nclab.data.TensorDataset` or ``(images, labels)``): the whole split is
+    embedded once (:func:`embed`, L2-normalised as Tian et al.) and reused by every episode
     (:func:`evaluate_embeddings`; keyword arguments ``C``, ``max_iter`` go there)."""
     feats, labels = embed(encoder, dataset, batch_size=batch_size, device=device, progress=progress)
     return evaluate_embeddings(feats, labels, ways=ways, shots=shots, queries=queries,
