@@ -34,6 +34,7 @@ __all__ = [
     "subset_per_class",
     "class_subset",
     "materialize",
+    "load_tensors",
     "batches",
     "normalize",
 ]
@@ -415,3 +416,26 @@ def materialize(ds: Dataset, classes: Sequence[str] | None = None) -> TensorData
         raise ValueError(f"images differ in size {sorted(shapes)[:3]}...; load with image_size=")
     names = classes if classes is not None else getattr(ds, "classes", None)
     return TensorDataset(torch.stack(xs), torch.tensor(ys), names)
+
+
+def load_tensors(
+    name: str,
+    split: str = "train",
+    image_size: int = 224,
+    max_per_class: int | None = None,
+    seed: int = 0,
+    root: str | Path | None = None,
+) -> TensorDataset:
+    """A registry dataset as a :class:`TensorDataset`, ready for :func:`batches`.
+
+    Fixed-size sets (digits, CIFAR) keep their native resolution (resize them batch by batch on the
+    device with ``batches(size=...)``: a 224-px copy of CIFAR would not fit in memory); sets of mixed
+    image sizes are resized and centre-cropped to ``image_size`` once. With ``max_per_class`` every
+    class is capped at that many images (drawn with ``seed``) when all classes have more."""
+    spec = DATASETS.get(name)
+    fixed = name == "digits" or (isinstance(spec, _Remote) and spec.fixed_size)
+    ds = load(name, split, root=root, image_size=None if fixed else image_size)
+    ds = ds if isinstance(ds, TensorDataset) else materialize(ds)
+    if max_per_class is not None and int(torch.bincount(ds.y).min()) > max_per_class:
+        ds = subset_per_class(ds, max_per_class, seed=seed)
+    return ds

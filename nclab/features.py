@@ -146,22 +146,20 @@ def extract(
 ) -> dict[str, Any] | tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Pooled features of the modules named in ``layers`` over ``data``, in one forward pass per batch.
 
-    Parameters
-    ----------
-    model: any ``nn.Module``; it runs in eval mode (its train/eval state is restored afterwards).
-    data: any iterable of ``(x, y)`` batches (a ``DataLoader``, :class:`nclab.data.batches`, a list).
-    layers: qualified module names (``dict(model.named_modules())`` keys) and/or ``"output"`` for
-        the model's own output. An unknown name raises ``ValueError`` listing close and valid names.
-    pool: ``"avg"`` (channel average for CNN maps, token average for ViTs) or ``"cls"`` (class
-        token of token outputs); see :func:`pool_tap`.
-    num_classes: K for the statistics. When None it is inferred from the labels: read from the
-        loader's dataset (``.y``/``.targets``) if it exposes them, else by one labels-only pass over
-        ``data`` when ``data`` is re-iterable (a one-shot iterator raises ``ValueError``: pass K).
-    return_features: return ``({layer: H (N, d) float32}, y (N,))`` on ``device`` instead of stats.
-    device: where the model and batches run; default the model's parameter device (the model is
-        moved when ``device`` is given).
-    amp: bf16 autocast on CUDA (ignored on other devices); statistics accumulate in float64.
-    progress: show a tqdm progress bar.
+    - ``model``: any ``nn.Module``; it runs in eval mode (its train/eval state is restored afterwards).
+    - ``data``: any iterable of ``(x, y)`` batches (a ``DataLoader``, :class:`nclab.data.batches`, a list).
+    - ``layers``: qualified module names (``dict(model.named_modules())`` keys) and/or ``"output"`` for
+      the model's own output. An unknown name raises ``ValueError`` listing close and valid names.
+    - ``pool``: ``"avg"`` (channel average for CNN maps, token average for ViTs) or ``"cls"`` (class
+      token of token outputs); see :func:`pool_tap`.
+    - ``num_classes``: K for the statistics. When None it is inferred from the labels: read from the
+      loader's dataset (``.y``/``.targets``) if it exposes them, else by one labels-only pass over
+      ``data`` when ``data`` is re-iterable (a one-shot iterator raises ``ValueError``: pass K).
+    - ``return_features``: return ``({layer: H (N, d) float32}, y (N,))`` on ``device`` instead of stats.
+    - ``device``: where the model and batches run; default the model's parameter device (the model is
+      moved when ``device`` is given).
+    - ``amp``: bf16 autocast on CUDA (ignored on other devices); statistics accumulate in float64.
+    - ``progress``: show a tqdm progress bar.
 
     Returns ``{layer: ClassStats}`` (nothing stored per sample) or the features as above.
     Every hook is removed when the call ends, also on error.

@@ -1,6 +1,6 @@
 """Correlations, linear fits with r², and bootstrap confidence intervals.
 
-Thin, checked wrappers around :mod:`scipy.stats` that take lists, NumPy arrays or torch tensors and
+Thin, checked wrappers around ``scipy.stats`` that take lists, NumPy arrays or torch tensors and
 return plain floats, so a chapter can write ``pearson(nc1_values, accuracies)``.
 """
 

@@ -175,3 +175,13 @@ def test_materialize_rejects_mixed_sizes(tmp_path):
     ds = data.load("dtd", "train", root=tmp_path)  # no image_size: sizes differ
     with pytest.raises(ValueError, match="differ in size"):
         data.materialize(ds)
+
+
+def test_load_tensors_resizes_mixed_sizes_and_caps(tmp_path):
+    _write_dtd(tmp_path, per_class=4)
+    ds = data.load_tensors("dtd", "train", image_size=20, root=tmp_path)
+    assert isinstance(ds, data.TensorDataset) and ds.x.shape == (8, 3, 20, 20)
+    capped = data.load_tensors("dtd", "train", image_size=20, max_per_class=2, root=tmp_path)
+    assert torch.bincount(capped.y).tolist() == [2, 2]
+    native = data.load_tensors("digits", "test", image_size=224)
+    assert native.x.shape[-1] == 32  # fixed-size sets keep their resolution
