@@ -28,14 +28,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU this file ran ~5x faster than with
-    torch's default thread pool (spinning threads fight the other processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # the ViTs are built for 64-px inputs (4 patches) to keep CPU tests fast; units do not change

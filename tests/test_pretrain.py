@@ -19,13 +19,7 @@ def _tmp_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NCLAB_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny CPU models on a shared 2-core machine run several times faster on one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_source(n_per_class: int = 16, k: int = 3) -> TensorDataset:

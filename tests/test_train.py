@@ -16,7 +16,7 @@ from nclab import train as T
 from nclab.data import normalize, synthetic_images
 from nclab.models import ConvNetS
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- stand-in models
