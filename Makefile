@@ -39,7 +39,7 @@ unit: $(STAMP)
 # Every chapter under nbval (lax: all cells run, none compared) in the smoke profile.
 chapters: $(STAMP)
 	@if [ -z "$(strip $(CHAPTERS))" ]; then echo "make test: no chapters to validate"; exit 0; fi; \
-	HF_HUB_OFFLINE=1 NCLAB_PROFILE=smoke CUDA_VISIBLE_DEVICES= MPLBACKEND=Agg \
+	HF_HUB_OFFLINE=1 NCLAB_PROFILE=smoke CUDA_VISIBLE_DEVICES= \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
 	  --nbval-cell-timeout=$(CELL_TIMEOUT) $(CHAPTERS)
 
@@ -48,7 +48,7 @@ test: lint unit chapters
 # Executes every chapter in the active profile (NCLAB_PROFILE; default course with CUDA, else
 # smoke) and builds the HTML. A notebook error or any Sphinx warning fails the build.
 book: $(STAMP)
-	MPLBACKEND=Agg $(BIN)/jupyter-book build . --builder html -W --keep-going
+	$(BIN)/jupyter-book build . --builder html -W --keep-going
 	@test -f _build/html/index.html && echo "book: _build/html/index.html"
 
 # Regenerate the student versions of the assignments from their solutions (deterministic).
