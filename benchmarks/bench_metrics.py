@@ -121,7 +121,7 @@ def bench_nc1(args, dev: torch.device, rows: list) -> None:
     print(f"  ClassStats.update + nc1     {t_st * 1e3:10.1f} ms   rel.diff {abs(v_st - v_nc) / v_nc:.1e}")
     # correctness on this device: batches of 256 (the CUDA-graph update path on GPUs) and a
     # deferred bad-label error
-    batched = ClassStats(k)
+    batched = ClassStats(k, check="auto")
     for i in range(0, n, 256):
         batched.update(h[i:i + 256], y[i:i + 256])
     err_b = abs(nc1(batched) - v_nc) / v_nc
@@ -129,7 +129,7 @@ def bench_nc1(args, dev: torch.device, rows: list) -> None:
     bad_y[0] = k
     raised = False
     try:
-        ClassStats(k).update(h[:256], bad_y).check()
+        ClassStats(k, check="auto").update(h[:256], bad_y).check()
     except ValueError:
         raised = True
     print(f"  batches of 256: rel.diff {err_b:.1e} (must be <= 1e-9); bad label raised: {raised}")
@@ -179,7 +179,7 @@ def _hook_extract(model, data, k: int, amp: bool, update: bool = True) -> dict:
     """Taps with plain forward hooks (the fallback if nclab.features.extract is missing; with
     ``update=False`` only hooks + pooling, to split the streaming cost)."""
     mods = dict(model.named_modules())
-    stats = {t: ClassStats(k) for t in TAPS}
+    stats = {t: ClassStats(k, check="auto") for t in TAPS}
     cur: dict = {}
     hs = [mods[t].register_forward_hook(lambda m, i, o, t=t: cur.__setitem__(t, o.mean((2, 3))))
           for t in TAPS]

@@ -187,7 +187,7 @@ def extract(
             raise ValueError(f"num_classes must be >= 1, got {num_classes} (empty data?)")
         from .metrics import ClassStats
 
-        stats = {n: ClassStats(num_classes, device=dev) for n in names}
+        stats = {n: ClassStats(num_classes, device=dev, check="auto") for n in names}
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     labels: list[torch.Tensor] = []
 

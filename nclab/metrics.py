@@ -23,11 +23,12 @@ so only the projections of the centred features on r directions are needed. With
 :class:`ClassStats` instead keeps the d x d second moment so that one streaming pass suffices.
 :func:`nc1_lowmem` runs the two-pass route on any re-iterable stream (features too wide for d x d).
 
-Streaming on a GPU: ``ClassStats.update`` does not synchronise with the host there (by default):
-its input checks run on the device, a bad batch adds nothing, and the ``ValueError`` is raised by
-the next ``update`` or read (``check="eager"`` raises inside the same call instead, at the cost of
-one sync per call). The update of a given batch shape is captured once as a CUDA graph, so each
-further update is a handful of launches - this keeps many layer taps cheap next to a forward pass.
+Streaming on a GPU: by default ``ClassStats.update`` raises on bad input inside the call that
+received it, which costs one host sync per call. ``check="auto"`` (what :func:`nclab.features.extract`
+and :func:`nclab.train.fit` use) does not synchronise on a GPU: its input checks run on the device, a
+bad batch adds nothing, and the ``ValueError`` is raised by the next ``update`` or read.
+The update of a given batch shape is captured once as a CUDA graph, so each further update is a
+handful of launches - this keeps many layer taps cheap next to a forward pass.
 
 Pseudo-inverse tolerance: eigenvalues of ``Sigma_B`` at most ``rtol * lambda_max`` are treated as
 zero, ``rtol = 1e-10`` by default (NumPy's ``pinv`` default, 1e-15, lies below the rounding noise of
@@ -189,9 +190,10 @@ class ClassStats:
         check: when bad input (NaN/Inf, labels outside [0, K)) raises. ``"eager"``: inside the
             ``update`` that received it (one device sync per update). ``"deferred"``: no sync;
             the batch is left out of the statistics on the device and the ``ValueError`` is
-            raised by the next ``update``, ``check()`` or read of the statistics. ``"auto"``
-            (default): eager on CPUs (a sync is free there), deferred on GPUs, so that streaming
-            many layer taps does not stall the forward pass. Either way bad data never enters
+            raised by the next ``update``, ``check()`` or read of the statistics. ``"auto"``:
+            eager on CPUs (a sync is free there), deferred on GPUs, so that streaming many layer
+            taps does not stall the forward pass (nclab's own streaming loops use it). Default
+            ``"eager"``. Either way bad data never enters
             the statistics and always raises.
     """
 
@@ -202,7 +204,7 @@ class ClassStats:
         device: torch.device | str | None = None,
         second_moments: bool = False,
         low_memory: bool = False,
-        check: str = "auto",
+        check: str = "eager",
     ) -> None:
         if check not in ("auto", "eager", "deferred"):
             raise ValueError(f"check must be 'auto', 'eager' or 'deferred', got {check!r}")

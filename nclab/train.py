@@ -462,8 +462,8 @@ def _evaluate(model: nn.Module, test: Any, dev: torch.device, d: _Dist, num_clas
 
     was_training = model.training
     model.eval()
-    pen = ClassStats(num_classes, device=dev)
-    layer_stats = {name: ClassStats(num_classes, device=dev) for name in layers}
+    pen = ClassStats(num_classes, device=dev, check="auto")  # no host sync per batch on GPUs
+    layer_stats = {name: ClassStats(num_classes, device=dev, check="auto") for name in layers}
     current: dict[str, torch.Tensor] = {}
 
     def tap(name: str) -> Callable:

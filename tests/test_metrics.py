@@ -405,3 +405,11 @@ def test_missing_classes_named_or_dropped():
     with pytest.warns(UserWarning):
         got = M.nc1(ClassStats(5).update(Hm, ym), allow_missing=True)
     assert rel(got, M.nc1(Hm, relabel)) <= 1e-9
+
+
+def test_default_check_is_eager():
+    stats = ClassStats(3)
+    assert stats.check_mode == "eager"
+    with pytest.raises(ValueError, match="3"):
+        stats.update(torch.zeros(2, 4), torch.tensor([0, 3]))
+    assert stats.num_samples == 0  # the bad batch added nothing
