@@ -370,8 +370,8 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, weights: str | os.PathLike | dict[str, torch.Tensor]) -> nn.Module:
-    """Load a state dict (a path — ``.pth``/``.pt``/``.bin`` read with ``torch.load(...,
-    weights_only=True)``, or ``.safetensors`` — or a dict) into the backbone ``model``.
+    """Load a state dict into the backbone ``model``: a dict, or a path (``.safetensors``, or
+    ``.pth``/``.pt``/``.bin`` read by ``torch.load`` with ``weights_only=True``).
 
     The file may hold the full classification model: classifier keys (``fc.*``, ``classifier.*``,
     ``head.*``, GoogLeNet's ``aux*``, CLIP's ``proj``) are ignored; ``module.`` (DDP) prefixes and
