@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import features_labels
+
 __all__ = ["ProbeResult", "linear_probe", "mlp_probe", "probe_layers", "sklearn_C"]
 
 
@@ -74,26 +76,9 @@ def sklearn_C(weight_decay: float, n: int) -> float:
     return 1.0 / (2.0 * n * weight_decay)
 
 
-def _check(feats: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    feats = torch.as_tensor(feats)
-    y = torch.as_tensor(y)
-    if feats.ndim != 2:
-        raise ValueError(f"{what} features must be (N, d), got shape {tuple(feats.shape)}")
-    if y.ndim != 1 or len(y) != len(feats):
-        raise ValueError(f"{what} labels must be (N,) with N={len(feats)}, got {tuple(y.shape)}")
-    if y.is_floating_point():
-        raise ValueError(f"{what} labels must be integers, got {y.dtype}")
-    if len(y) and int(y.min()) < 0:
-        raise ValueError(f"{what} labels must be >= 0, got {sorted(set(y[y < 0].tolist()))[:5]}")
-    nan = (~torch.isfinite(feats)).any(1).sum().item() if feats.is_floating_point() else 0
-    if nan:
-        raise ValueError(f"{what} features: {nan} rows contain NaN/inf; drop or fix them first")
-    return feats, y.long()
-
-
 def _prepare(train_feats, train_y, test_feats, test_y, device, num_classes):
-    train_feats, train_y = _check(train_feats, train_y, "train")
-    test_feats, test_y = _check(test_feats, test_y, "test")
+    train_feats, train_y = features_labels(train_feats, train_y, "train")
+    test_feats, test_y = features_labels(test_feats, test_y, "test")
     if train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(f"train and test feature widths differ: {train_feats.shape[1]} vs "
                          f"{test_feats.shape[1]}")

@@ -13,29 +13,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ._checks import features_labels
 from .stats import kendall, pearson, spearman, weighted_kendall
 
 __all__ = ["h_score", "logme", "log_evidence", "LogME", "rank_agreement", "RankAgreement"]
 
 
 def _features_labels(features, labels) -> tuple[torch.Tensor, torch.Tensor, int]:
-    f = torch.as_tensor(features)
-    y = torch.as_tensor(labels, device=f.device)
-    if f.ndim != 2:
-        raise ValueError(f"features must be (N, d), got shape {tuple(f.shape)}")
-    if y.ndim != 1 or len(y) != len(f):
-        raise ValueError(f"labels must be (N,) with N={len(f)}, got shape {tuple(y.shape)}")
-    if y.is_floating_point():
-        raise ValueError(f"labels must be integers, got {y.dtype}")
+    f, y = features_labels(features, labels)
     if len(y) < 2:
         raise ValueError(f"need at least 2 samples, got {len(y)}")
-    f = f.to(torch.float64)
-    bad = (~torch.isfinite(f)).any(1).sum().item()
-    if bad:
-        raise ValueError(f"{bad} feature rows contain NaN/inf; drop or fix them first")
-    if int(y.min()) < 0:
-        raise ValueError(f"labels must be >= 0, got {sorted(set(y[y < 0].tolist()))[:5]}")
-    return f, y.long(), int(y.max()) + 1
+    return f.to(torch.float64), y, int(y.max()) + 1
 
 
 # --------------------------------------------------------------------------- H-score
