@@ -103,7 +103,19 @@ class SkipPool(nn.Module):
         return F.pad(pooled, (0, self.width - c)) if c < self.width else pooled
 
 
-class FineTuned(nn.Module):
+class _NormFreezable(nn.Module):
+    """A module whose BatchNorm layers stay in eval mode under ``train()`` when ``freeze_norm``."""
+
+    freeze_norm: bool = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_norm:
+            _norms_eval(self)
+        return self
+
+
+class FineTuned(_NormFreezable):
     """A backbone with a new head, prepared for one fine-tuning method (see :func:`prepare`).
 
     Attributes: ``backbone``, ``head``, ``method``, ``block`` (1-based, or None), ``block_name``
@@ -146,12 +158,6 @@ class FineTuned(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-    def train(self, mode: bool = True) -> FineTuned:
-        super().train(mode)
-        if self.freeze_norm:
-            _norms_eval(self)
-        return self
 
     def extra_repr(self) -> str:
         where = f", block={self.block} ({self.block_name})" if self.block else ""
@@ -412,7 +418,7 @@ def describe(model: FineTuned) -> pd.DataFrame:
 # --------------------------------------------------------------------------- cached prefix
 
 
-class Suffix(nn.Module):
+class Suffix(_NormFreezable):
     """The trainable end of a prepared model: Block k onwards, the SCL skip, the head.
     ``forward(z)`` takes the prefix's output ``z`` (the input of Block k). Shares its modules with
     the prepared model, so training it trains that model."""
@@ -430,12 +436,6 @@ class Suffix(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(z))
-
-    def train(self, mode: bool = True) -> Suffix:
-        super().train(mode)
-        if self.freeze_norm:
-            _norms_eval(self)
-        return self
 
 
 def split(model: FineTuned) -> tuple[nn.Module, nn.Module]:
