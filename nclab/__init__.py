@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (submodules are part of the public API)
     plots,
     pretrain,
     probe,
+    recompute,
     runtime,
     stats,
     train,

@@ -47,6 +47,7 @@ from nclab.models import (
     feature_dim,
     strip_classifier,
 )
+from nclab.recompute import recompute_activations
 
 __all__ = [
     "BLOCK_METHODS",
@@ -120,12 +121,14 @@ class FineTuned(_NormFreezable):
 
     Attributes: ``backbone``, ``head``, ``method``, ``block`` (1-based, or None), ``block_name``
     (qualified name inside ``backbone``), ``skip`` (:class:`SkipPool` for ``scl``, else None),
-    ``num_features`` (penultimate width d), ``num_classes``, ``freeze_norm``, ``lora_targets``."""
+    ``num_features`` (penultimate width d), ``num_classes``, ``freeze_norm``, ``lora_targets``,
+    ``recompute_frozen`` (settable: see :func:`prepare`)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, method: str, *,
                  block: int | None = None, block_name: str | None = None,
                  skip: SkipPool | None = None, freeze_norm: bool = False,
-                 num_classes: int | None = None, lora_targets: tuple[str, ...] = ()) -> None:
+                 num_classes: int | None = None, lora_targets: tuple[str, ...] = (),
+                 recompute_frozen: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -137,6 +140,7 @@ class FineTuned(_NormFreezable):
         self.num_features = feature_dim(backbone)
         self.num_classes = num_classes
         self.lora_targets = lora_targets
+        self.recompute_frozen = recompute_frozen
 
     def block_module(self) -> nn.Module | None:
         """The tuned block (None for methods without one)."""
@@ -144,8 +148,20 @@ class FineTuned(_NormFreezable):
             return None
         return dict(self.backbone.named_modules())[self.block_name]
 
+    def frozen_after(self) -> list[nn.Module]:
+        """The blocks after the tuned one (frozen; the gradient passes through them)."""
+        if self.block is None:
+            return []
+        return [m for _, m in blocks(self.backbone)[self.block:]]
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``h`` (B, d); for ``scl`` ``h + pad(pool(z_k))``."""
+        if self.recompute_frozen and self.block is not None and torch.is_grad_enabled():
+            with recompute_activations(self.frozen_after()):
+                return self._features(x)
+        return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         if self.skip is None:
             return self.backbone(x)
         store: list[torch.Tensor] = []
@@ -280,6 +296,7 @@ def prepare(
     freeze_norm: bool = False,
     pool: str = "auto",
     copy: bool = True,
+    recompute_frozen: bool = False,
 ) -> FineTuned:
     """Prepare ``model`` for fine-tuning with ``method`` (one of :data:`METHODS`).
 
@@ -295,6 +312,11 @@ def prepare(
       feature), ``"avg"`` or ``"cls"``.
     - ``copy``: work on a deep copy (default), leaving ``model`` untouched; ``False`` modifies it
       in place (saves memory).
+    - ``recompute_frozen``: for ``layer``/``scl``/``layer_lora``, keep no activations of the frozen
+      blocks after Block k for the backward pass and recompute them there instead
+      (:func:`nclab.recompute.recompute_activations`): same gradients and BatchNorm statistics,
+      much less activation memory when Block k is early, one extra forward of those blocks per
+      step. Settable later as ``model.recompute_frozen``.
 
     The model's classifier is replaced (torchvision ``fc``/``classifier``, timm
     ``reset_classifier(0)``, open_clip's projection dropped) before the new head is added. Returns
@@ -308,6 +330,9 @@ def prepare(
     if isinstance(model, FineTuned):
         raise ValueError("model is already prepared (a FineTuned); pass its .backbone, or the "
                          "original backbone, to prepare it for another method")
+    if recompute_frozen and method not in BLOCK_METHODS:
+        raise ValueError(f"recompute_frozen=True applies to {', '.join(BLOCK_METHODS)} (frozen "
+                         f"blocks after the tuned one); method {method!r} has none")
     if method == "layer_lora" and (not isinstance(lora_rank, int) or lora_rank < 1):
         raise ValueError(f"lora_rank must be a positive int, got {lora_rank!r}")
     fam = family(model)  # TypeError listing the supported families
@@ -346,7 +371,8 @@ def prepare(
     if ref is not None and ref.device.type != "meta":
         head.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     ft = FineTuned(model, head, method, block=k, block_name=name, skip=skip,
-                   freeze_norm=freeze_norm, num_classes=num_classes, lora_targets=targets)
+                   freeze_norm=freeze_norm, num_classes=num_classes, lora_targets=targets,
+                   recompute_frozen=recompute_frozen)
     return ft.train()
 
 
@@ -424,12 +450,21 @@ class Suffix(_NormFreezable):
     the prepared model, so training it trains that model."""
 
     def __init__(self, block: nn.Module, rest: nn.Sequential, skip: SkipPool | None,
-                 head: nn.Module, freeze_norm: bool = False) -> None:
+                 head: nn.Module, freeze_norm: bool = False,
+                 frozen_after: list[nn.Module] | None = None, recompute_frozen: bool = False) -> None:
         super().__init__()
         self.block, self.rest, self.skip, self.head = block, rest, skip, head
         self.freeze_norm = freeze_norm
+        self._frozen_after = list(frozen_after or [])  # a plain list: already registered in rest
+        self.recompute_frozen = recompute_frozen
 
     def features(self, z: torch.Tensor) -> torch.Tensor:
+        if self.recompute_frozen and torch.is_grad_enabled():
+            with recompute_activations(self._frozen_after):
+                return self._features(z)
+        return self._features(z)
+
+    def _features(self, z: torch.Tensor) -> torch.Tensor:
         out = self.block(z)
         h = self.rest(out)
         return h if self.skip is None else h + self.skip(out)
@@ -473,7 +508,9 @@ def split(model: FineTuned) -> tuple[nn.Module, nn.Module]:
         raise ValueError("the prefix before the tuned block has trainable parameters; split() "
                          "needs them frozen")
     suffix = Suffix(steps[i][1], nn.Sequential(*[s for _, s in steps[i + 1:]]), model.skip,
-                    model.head, freeze_norm=model.freeze_norm)
+                    model.head, freeze_norm=model.freeze_norm,
+                    frozen_after=[s for n, s in steps[i + 1:] if n is not None],
+                    recompute_frozen=model.recompute_frozen)
     suffix.train(model.training)
     prefix.train(model.training)
     if model.freeze_norm:

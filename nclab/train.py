@@ -600,6 +600,10 @@ def fit(
     (if it exists) with the same result as an uninterrupted run. ``callback(record)`` runs after each
     epoch's checkpoint. ``seed`` seeds torch/NumPy/Python and the batch order.
 
+    Memory: a model prepared with ``recompute_frozen=True`` (or with ``model.recompute_frozen = True``)
+    recomputes the frozen blocks after Block k in the backward pass instead of storing their
+    activations (:mod:`nclab.recompute`): the same result for less memory and some extra compute.
+
     On CUDA the step uses bf16 autocast and channels_last. Distributed: run the script with
     ``torchrun --nproc_per_node=N script.py``; nothing else changes (see the module docstring).
     """
@@ -686,6 +690,7 @@ def fit(
               "weight_decay": weight_decay, "min_lr": floor, "momentum": momentum,
               "batch_size": batch_size, "seed": seed, "world_size": d.world,
               "cache_prefix": cache_prefix, "frozen_prefix_stats": frozen_prefix_stats,
+              "recompute_frozen": bool(getattr(model, "recompute_frozen", False)),
               "device": str(dev), "image_size": size}
     history = History(config=config)
     start_epoch, step = 0, 0
