@@ -174,7 +174,6 @@ def extract(
         param = next(iter(model.parameters()), None)
         dev = param.device if param is not None else torch.device("cpu")
 
-    stats: dict[str, Any] = {}
     if not return_features:
         if num_classes is None:
             num_classes = _infer_num_classes(data)
@@ -185,9 +184,9 @@ def extract(
             num_classes = _labels_pass(data)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes} (empty data?)")
-        from .metrics import ClassStats
+        from .metrics import ClassStats, ClassStatsGroup
 
-        stats = {n: ClassStats(num_classes, device=dev, check="auto") for n in names}
+        group = ClassStatsGroup(num_classes, device=dev, check="auto")
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     labels: list[torch.Tensor] = []
 
@@ -233,8 +232,6 @@ def extract(
             if missing:
                 raise ValueError(f"modules {missing} did not run in the forward pass; tap "
                                  "modules that forward() uses")
-            # Accumulate outside inference mode, so that the statistics' buffers stay ordinary
-            # tensors (merge/sync work on them later); the pooled inputs are read only.
             for n in names:
                 h = current[n]
                 if h.shape[0] != x.shape[0]:
@@ -242,10 +239,11 @@ def extract(
                                      f"{x.shape[0]} images; is its output sequence-first?")
                 if return_features:
                     feats[n].append(h)
-                else:
-                    stats[n].update(h, y)
             if return_features:
                 labels.append(y)
+            else:  # every tap in one fused update (a fixed number of kernels, whatever the taps);
+                # outside inference mode, so the statistics stay ordinary tensors (merge/sync)
+                group.update({n: current[n] for n in names}, y)
     finally:
         for handle in handles:
             handle.remove()
@@ -255,7 +253,9 @@ def extract(
             raise ValueError("data yielded no batches")
         # torch.cat outside inference mode gives ordinary tensors, usable with autograd later
         return {n: torch.cat(v) for n, v in feats.items()}, torch.cat(labels)
-    return stats
+    if group.names is None:  # no batch: empty statistics
+        return {n: ClassStats(num_classes, device=dev, check="auto") for n in names}
+    return group.stats()
 
 
 def _len_or_none(data: Iterable) -> int | None:
