@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from nclab.data import TensorDataset
 from nclab.finetune import prepare
 from nclab.models import blocks, load_backbone
+from nclab.recompute import activation_bytes
 from nclab.train import default_hparams, fit, model_family
 
 # Block 8 of ResNet-50 (layer3[0]) and Layer 8 of ViT-B/32, as in the paper's Table 3.
@@ -64,24 +65,6 @@ def _build(name: str, method: str, num_classes: int, small: bool):
     model = prepare(backbone, base, block=None if base == "full" else block,
                     num_classes=num_classes, recompute_frozen=extra == "recompute")
     return model, block
-
-
-def saved_activations(model, x, y) -> int:
-    """Bytes autograd keeps for the backward pass during one forward, parameters excluded: the
-    activation memory of a method, measurable on any device (float32, no autocast)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        F.cross_entropy(model(x), y)
-    return sum(seen.values())
 
 
 def bare_loop(model, x, y, steps: int, warmup: int, lr: float, wd: float, dev: torch.device):
@@ -173,7 +156,7 @@ def main() -> None:
         acts = {}
         for method in variants["vit" if name.startswith("vit") else "cnn"]:
             model, _ = _build(name, method, k, small)
-            acts[method] = saved_activations(model.to(dev), xs, ys)
+            acts[method] = activation_bytes(model.to(dev).train(), xs, ys)
             del model
         print("  " + name + ": " + ", ".join(f"{m} {v / 2**20:.0f} MiB ({v / acts['full']:.0%})"
                                              for m, v in acts.items()))

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["recompute_activations"]
+__all__ = ["activation_bytes", "recompute_activations"]
 
 
 class _KeepNormBuffers:
@@ -104,3 +104,25 @@ def recompute_activations(modules: Iterable[nn.Module]) -> Iterator[None]:
     finally:
         for m in mods:
             m.__dict__.pop("forward", None)
+
+
+def activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                     ) -> int:
+    """Bytes autograd keeps for the backward pass during one forward of ``loss_fn(model(x), y)``
+    (default cross-entropy): every saved tensor's storage counted once, parameters excluded. The
+    activation memory of a training step, device-independent (run it on a CPU with a small batch;
+    it scales linearly with the batch). Nothing is back-propagated; the model's mode is kept."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(model(x), y)
+    return sum(seen.values())

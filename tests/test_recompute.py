@@ -13,26 +13,10 @@ from torch import nn
 
 from nclab import finetune as FT
 from nclab import models as M
-from nclab.recompute import recompute_activations
+from nclab.recompute import activation_bytes, recompute_activations
 from nclab.train import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward during one forward, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        F.cross_entropy(model(x), y)
-    return sum(seen.values())
 
 
 def _net() -> nn.Sequential:
@@ -82,10 +66,10 @@ def test_fewer_saved_activations_and_no_trace_left():
     for p in [*net[2].parameters(), *net[3].parameters()]:
         p.requires_grad_(False)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
-    plain = saved_activation_bytes(net, x, y)
+    plain = activation_bytes(net, x, y)
     keys = list(net.state_dict())
     with recompute_activations([net[2], net[3]]):
-        less = saved_activation_bytes(net, x, y)
+        less = activation_bytes(net, x, y)
         assert "forward" in net[2].__dict__
     assert less < 0.7 * plain
     assert all("forward" not in m.__dict__ for m in net.modules())
@@ -140,7 +124,7 @@ def test_finetuned_recompute_frozen_gives_the_same_gradients(method):
         for n, p in light.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(p.grad, gp[n], rtol=1e-5, atol=1e-6)
-        assert saved_activation_bytes(light, x, y) < saved_activation_bytes(plain, x, y)
+        assert activation_bytes(light, x, y) < activation_bytes(plain, x, y)
         for (n, bp), bl in zip(plain.named_buffers(), light.buffers()):
             assert torch.equal(bp, bl), (fam, n)
 
@@ -166,7 +150,7 @@ def test_prepare_flag_and_suffix_from_split():
     for n, p in suffix.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6)
-    assert saved_activation_bytes(suffix, z, y) < saved_activation_bytes(plain_suffix, z, y)
+    assert activation_bytes(suffix, z, y) < activation_bytes(plain_suffix, z, y)
 
 
 def test_fit_with_recompute_frozen_matches_plain_fit():
@@ -182,3 +166,14 @@ def test_fit_with_recompute_frozen_matches_plain_fit():
         results.append(h.final)
     assert results[0]["test_acc"] == results[1]["test_acc"]
     assert results[0]["test_loss"] == pytest.approx(results[1]["test_loss"], rel=1e-5)
+
+
+def test_activation_bytes_by_hand():
+    lin = nn.Linear(4, 3)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    # x is saved for the weight gradient (5*4 floats); cross-entropy keeps its log-softmax output
+    # (5*3), the target (5 int64) and the mean's normaliser (a float scalar); the weight itself is
+    # a parameter and not counted
+    assert activation_bytes(lin, x, y) == 4 * 5 * 4 + 4 * 5 * 3 + 8 * 5 + 4
+    lin.requires_grad_(False)
+    assert activation_bytes(lin, x, y) == 0  # nothing needs a gradient: nothing is kept
