@@ -458,18 +458,17 @@ def _evaluate(model: nn.Module, test: Any, dev: torch.device, d: _Dist, num_clas
               layers: dict[str, nn.Module], batch_size: int, size: int | None, mean, std,
               amp: bool, channels_last: bool) -> dict[str, Any]:
     from .features import pool_tap
-    from .metrics import ClassStats, nc1
+    from .metrics import ClassStats, ClassStatsGroup, nc1
 
     was_training = model.training
     model.eval()
     pen = ClassStats(num_classes, device=dev, check="auto")  # no host sync per batch on GPUs
-    layer_stats = {name: ClassStats(num_classes, device=dev, check="auto") for name in layers}
+    group = ClassStatsGroup(num_classes, device=dev, check="auto")  # every tap in one update
     current: dict[str, torch.Tensor] = {}
 
     def tap(name: str) -> Callable:
         def hook(_module: nn.Module, _inputs: Any, out: Any) -> None:  # returns None: output kept
-            y = current["y"]
-            layer_stats[name].update(pool_tap(out, "avg", batch_size=len(y)), y)
+            current[name] = pool_tap(out, "avg", batch_size=len(current["y"]))
         return hook
 
     hooks = [m.register_forward_hook(tap(name)) for name, m in layers.items()]
@@ -493,6 +492,8 @@ def _evaluate(model: nn.Module, test: Any, dev: torch.device, d: _Dist, num_clas
                 h = model.features(x)
                 logits = model.head(h)
             pen.update(h.float(), y)
+            if layers:
+                group.update({name: current[name] for name in layers}, y)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
@@ -502,6 +503,9 @@ def _evaluate(model: nn.Module, test: Any, dev: torch.device, d: _Dist, num_clas
             hk.remove()
         model.train(was_training)
     totals = _all_reduce(torch.stack([loss_sum, correct, count]), d)
+    layer_stats = {name: ClassStats(num_classes, device=dev) for name in layers}
+    if group.names is not None:
+        layer_stats = group.stats()
     if d.active:
         pen.sync()
         for s in layer_stats.values():
