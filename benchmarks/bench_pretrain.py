@@ -8,8 +8,13 @@ classifier, bf16 autocast on CUDA, channels_last, cross-entropy, backward, SGD(m
 cosine LR update. Both run the same number of optimiser steps; images/s are compared (target of
 issue 9: pretrain >= 85 % of the bare loop on a GPU).
 
+It first prints, per augmentation level, what one ``Augment(level)`` call on a 256 x 3 x 32 x 32
+batch costs: the number of top-level aten ops (torch.profiler; at 32 px on a GPU each op is a
+kernel launch and launches, not arithmetic, set the cost) and ms per call on the device.
+
     python benchmarks/bench_pretrain.py --device cuda      # CIFAR ResNet-18, 50000 images, batch 256
     python benchmarks/bench_pretrain.py --quick            # tiny ConvNet on CPU, < 60 s
+    python benchmarks/bench_pretrain.py --augment-only     # only the per-level Augment table
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 
 from nclab.data import TensorDataset
 from nclab.models import ConvNetS
-from nclab.pretrain import cifar_resnet18, pretrain
+from nclab.pretrain import AUG_LEVELS, Augment, cifar_resnet18, pretrain
 
 
 def sync(dev: torch.device) -> None:
@@ -39,6 +44,38 @@ def make_model(name: str) -> nn.Module:
     if name == "convnet_s":
         return ConvNetS(width=16, depth=3)
     raise ValueError(f"unknown model {name!r} (resnet18, convnet_s)")
+
+
+def top_level_ops(fn, x: torch.Tensor) -> int:
+    """Top-level aten ops (ops not called from inside another aten op) of one ``fn(x)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(x)  # warm-up: cached constants, generator
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(x)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def augment_table(dev: torch.device, batch: int = 256, size: int = 32, repeats: int = 50) -> None:
+    """Per level: top-level aten ops and ms per ``Augment(level)`` call (best of 5 x ``repeats``)."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.rand(batch, 3, size, size, device=dev, generator=gen)
+    print(f"Augment on {batch}x3x{size}x{size} float32 ({dev}):")
+    print("  level  ops                               aten ops   ms/call")
+    for lvl in AUG_LEVELS:
+        aug = Augment(lvl)
+        ops = top_level_ops(aug, x)
+        best = math.inf
+        for _ in range(5):
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                aug(x)
+            sync(dev)
+            best = min(best, (time.perf_counter() - t0) / repeats)
+        names = "+".join(AUG_LEVELS[lvl]) or "identity"
+        print(f"  {lvl:5d}  {names:32s}  {ops:8d}  {1e3 * best:8.3f}")
 
 
 def bare_loop(backbone: nn.Module, n: int, k: int, batch: int, dev: torch.device,
@@ -102,6 +139,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default 256 (64 quick)")
     ap.add_argument("--aug-levels", default="1,3,5", help="comma-separated levels to time")
     ap.add_argument("--no-amp", action="store_true", help="float32 instead of bf16 autocast")
+    ap.add_argument("--augment-only", action="store_true",
+                    help="print only the per-level Augment table (op counts, ms per call)")
     ap.add_argument("--variants", action="store_true",
                     help="also time SupCon (two views) and PGD-3 adversarial training (default on "
                          "CUDA); these do more work per image and are reported as cost, not target")
@@ -119,6 +158,9 @@ def main() -> None:
     if quick and dev.type == "cpu":
         torch.set_num_threads(1)  # tiny nets on a shared CPU: threads fight more than they help
 
+    augment_table(dev)
+    if args.augment_only:
+        return
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
                          torch.randint(0, args.classes, (n,), generator=gen),

@@ -76,6 +76,9 @@ AUG_LEVELS: dict[int, tuple[str, ...]] = {
 LOSSES = ("ce", "mse", "supcon")
 
 _CACHE_VERSION = "pretrain-v2"  # bump when the training procedure changes what a key produces
+# Bump when Augment's random stream or arithmetic changes: part of the key for aug_level > 1 only,
+# so level-1 models stay cached (v2: one (B, 9) uniform per call, fused crop/flip and colour map).
+_AUGMENT_VERSION = 2
 
 # ITU-R 601 luma weights (as torchvision's rgb_to_grayscale) and the YIQ colour space.
 _LUMA = (0.299, 0.587, 0.114)
@@ -84,46 +87,54 @@ _YIQ2RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB2YIQ, dtype=torch.
 
 
 # --------------------------------------------------------------------------- augmentation
-_CONSTS: dict[tuple, torch.Tensor] = {}
+def _colour_basis() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P0, I - P0, P2), float64, with the YIQ hue rotation by ``theta`` equal to
+    ``P0 + cos(theta) (I - P0) + sin(theta) P2`` and ``P0 = 1 w^T`` the grayscale map.
 
-
-def _const(name: str, values: tuple, x: torch.Tensor) -> torch.Tensor:
-    """A constant tensor on ``x``'s device and dtype, built once (no host-to-device copy per batch)."""
-    key = (name, x.device, x.dtype)
-    if key not in _CONSTS:
-        _CONSTS[key] = torch.tensor(values, device=x.device, dtype=x.dtype)
-    return _CONSTS[key]
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 1, H, W) luma."""
-    return torch.einsum("bchw,c->bhw", x, _const("luma", _LUMA, x)).unsqueeze(1)
-
-
-def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """``ratio * a + (1 - ratio) * b`` clamped to [0, 1]; ``ratio`` is (B,)."""
-    return torch.lerp(b, a, ratio.view(-1, 1, 1, 1)).clamp(0, 1)
-
-
-def _hue_basis() -> tuple:
-    """(P0, P1, P2) with ``YIQ2RGB @ R(theta) @ RGB2YIQ = P0 + cos(theta) P1 + sin(theta) P2``."""
-    a = torch.tensor(_YIQ2RGB, dtype=torch.float64)
+    The luma weights ``w`` are rounded to multiples of 2**-24 (an error below 3e-8), so ``P0`` and
+    ``I - P0`` are exact in float32 (and float64) and ``1 * P0 + 1 * (I - P0)`` sums to exactly
+    ``I``: samples that are neither jittered nor grayscaled pass through the colour map bit for bit.
+    """
+    w = torch.round(torch.tensor(_LUMA, dtype=torch.float64) * 2**24) / 2**24
+    a = torch.tensor(_YIQ2RGB, dtype=torch.float64)  # first column is (1, 1, 1)
     b = torch.tensor(_RGB2YIQ, dtype=torch.float64)
-    p0 = torch.outer(a[:, 0], b[0])
-    p1 = torch.outer(a[:, 1], b[1]) + torch.outer(a[:, 2], b[2])
+    p0 = torch.outer(torch.ones(3, dtype=torch.float64), w)
     p2 = torch.outer(a[:, 2], b[1]) - torch.outer(a[:, 1], b[2])
-    return tuple(torch.stack([p0, p1, p2]).tolist())
+    return p0, torch.eye(3, dtype=torch.float64) - p0, p2
 
 
-_HUE_BASIS = _hue_basis()
+# Columns of the one uniform draw (B, _NRAND) per call.
+_R_OY, _R_OX, _R_FLIP, _R_JIT, _R_KEEP, _R_BRI, _R_CON, _R_SAT, _R_HUE = range(9)
+_NRAND = 9
+# Columns of L = affine(r) in the colour map: 1, b, c, 1 - c, s, theta + pi/2, theta.
+_NL = 7
+# Factor columns (in cat([L, sin(L), F, m])) whose products are the 4 colour coefficients
+# b c | b c s k cos | b c s k sin | b (1 - c) m, with k = 1 - grayscale.
+_SIN0, _F0, _M = _NL, 2 * _NL, 2 * _NL + _NRAND
+_FACTORS = ((1, 2, 0, 0, 0),
+            (1, 2, 4, _F0 + _R_KEEP, _SIN0 + 5),
+            (1, 2, 4, _F0 + _R_KEEP, _SIN0 + 6),
+            (1, 3, _M, 0, 0))
 
 
-def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    """Rotate the chroma of RGB images by ``2 pi * turns`` (B,) in YIQ space, keeping luma."""
-    theta = 2 * math.pi * turns
-    coef = torch.stack([torch.ones_like(theta), torch.cos(theta), torch.sin(theta)], 1)  # (B, 3)
-    m = torch.einsum("bk,kij->bij", coef, _const("hue", _HUE_BASIS, x))  # (B, 3, 3)
-    return torch.einsum("bij,bjhw->bihw", m, x).clamp(0, 1)
+@dataclass
+class _Plan:
+    """Constants of one Augment for one (device, dtype, C, H, W), built once."""
+
+    pad: int
+    scale: torch.Tensor  # (_NRAND,) F = clamp(floor(shift + scale * r), max=top)
+    shift: torch.Tensor
+    top: torch.Tensor
+    geometry: bool
+    cst: torch.Tensor | None = None  # (C*H*W,) flat index = cst + F @ mg
+    mg: torch.Tensor | None = None  # (_NRAND, C*H*W)
+    colour: bool = False
+    t0: torch.Tensor | None = None  # (_NL,) L = t0 + r @ mp
+    mp: torch.Tensor | None = None  # (_NRAND, _NL)
+    lid: torch.Tensor | None = None  # (_NL,) L of a sample that is not jittered
+    factors: torch.Tensor | None = None  # (4, 5) long
+    basis: torch.Tensor | None = None  # (4, C * (C + 1)): coefficients -> [A | t]
+    wv: torch.Tensor | None = None  # (C*H*W, 1): image -> mean luma
 
 
 class Augment:
@@ -136,14 +147,38 @@ class Augment:
       CIFAR) and crop back to H x W at a random offset (torchvision's ``RandomCrop(H, padding)``);
     * ``flip``: mirror left-right with probability ``flip_p``;
     * ``jitter``: with probability ``jitter_p``, scale brightness by ``b ~ U[1-B, 1+B]``, contrast
-      ``x <- c x + (1-c) mean(gray(x))``, saturation ``x <- s x + (1-s) gray(x)`` and rotate hue by
-      ``h ~ U[-H, H]`` turns (in YIQ space), with ``jitter = (B, C, S, H)``;
-    * ``grayscale``: with probability ``gray_p`` replace every channel by the luma.
+      ``x <- c x + (1-c) mean(gray(x))`` with ``c ~ U[1-C, 1+C]``, saturation
+      ``x <- s x + (1-s) gray(x)`` with ``s ~ U[1-S, 1+S]`` and rotate hue by ``h ~ U[-H, H]``
+      turns (in YIQ space), in this order, with ``jitter = (B, C, S, H)``;
+    * ``grayscale``: with probability ``gray_p`` replace every channel by the luma
+      ``gray = 0.299 R + 0.587 G + 0.114 B``.
 
     Level 1 (normalisation only) is the identity here: normalisation happens afterwards, in
     :func:`nclab.data.batches` or :func:`pretrain`. Randomness comes from ``seed`` through a
-    generator on the batch's device, so a run is reproducible. Use it as
-    ``nclab.data.batches(ds, augment=Augment(3))``.
+    generator on the batch's device (one uniform draw of shape (B, 9) per call), so a run is
+    reproducible. Use it as ``nclab.data.batches(ds, augment=Augment(3))``.
+
+    At 32 px every transform is bound by kernel launches, not arithmetic, so the implementation
+    fuses them: crop and flip are one gather from the padded batch, and jitter plus grayscale are
+    one per-sample affine colour map ``clamp(A x + t, 0, 1)`` (``A`` 3 x 3, ``t`` 3) composed from
+    the drawn parameters (about 10 aten ops for levels 2-3 and 25 for levels 4-5). Deviations from
+    torchvision's ``ColorJitter`` / ``RandomGrayscale``, which clamp to [0, 1] after every step:
+
+    * values are clamped to [0, 1] **once, at the end**; a pixel that leaves [0, 1] midway (e.g.
+      brightness 1.3 on a 0.9 pixel, then contrast 0.7) keeps its unclamped value for the later
+      steps. Without that clipping every step is exactly the affine map written above;
+    * the hue is rotated in YIQ space (a linear map that keeps the luma), not in HSV;
+    * brightness, contrast, saturation and hue are applied in this fixed order (torchvision shuffles
+      the order per call); the contrast mean is taken over the cropped image, padding included;
+      the factors are not floored at 0 (torchvision draws from ``[max(0, 1-B), 1+B]``), which
+      only matters for strengths above 1.
+
+    At levels 4-5 every output pixel is clamped to [0, 1]; samples that draw no jitter and no
+    grayscale otherwise keep their cropped/flipped pixels bit for bit (float32 matmuls at full
+    precision, PyTorch's default; with TF32 enabled the colour map rounds like any TF32 matmul).
+    The call runs with autocast disabled, so the output has ``x``'s dtype. For images with
+    ``C != 3`` channels jitter applies brightness and contrast (the mean is then over all channels)
+    and skips saturation and hue; grayscale needs 3 channels.
     """
 
     def __init__(
@@ -175,6 +210,7 @@ class Augment:
         self.gray_p = gray_p
         self.seed = seed
         self._gens: dict[str, torch.Generator] = {}
+        self._plans: dict[tuple, _Plan | None] = {}
 
     def __repr__(self) -> str:
         return f"Augment(level={self.level}, ops={self.ops})"
@@ -185,8 +221,12 @@ class Augment:
             self._gens[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._gens[key]
 
-    def _rand(self, n: int, x: torch.Tensor) -> torch.Tensor:
-        return torch.rand(n, device=x.device, generator=self._gen(x.device))
+    def _draw(self, x: torch.Tensor) -> torch.Tensor:
+        """The call's uniform draw r (B, 9), columns ``_R_*``. float64, like all the per-sample
+        parameter arithmetic: the flat gather index must be exact, and float64 is never lowered by
+        autocast or TF32."""
+        return torch.rand(len(x), _NRAND, device=x.device, dtype=torch.float64,
+                          generator=self._gen(x.device))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
@@ -195,54 +235,98 @@ class Augment:
             raise ValueError("Augment expects float images in [0, 1]; convert uint8 with x / 255")
         if not self.ops or len(x) == 0:
             return x
-        b = len(x)
-        if "crop" in self.ops:
-            x = self._crop(x)
-        if "flip" in self.ops:
-            flip = self._rand(b, x) < self.flip_p
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        if "jitter" in self.ops:
-            x = self._color_jitter(x)
-        if "grayscale" in self.ops:
-            if x.shape[1] != 3:
-                raise ValueError(f"grayscale needs 3 channels, got {x.shape[1]}")
-            gray = self._rand(b, x) < self.gray_p
-            x = torch.where(gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
-        return x
-
-    def _crop(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        p = round(w / 8) if self.padding is None else self.padding
-        if p == 0:
+        if "grayscale" in self.ops and x.shape[1] != 3:
+            raise ValueError(f"grayscale needs 3 channels, got {x.shape[1]}")
+        plan = self._plan(x)
+        if plan is None:
             return x
-        xp = F.pad(x, (p, p, p, p))
-        gen = self._gen(x.device)
-        oy = torch.randint(0, 2 * p + 1, (b,), device=x.device, generator=gen)
-        ox = torch.randint(0, 2 * p + 1, (b,), device=x.device, generator=gen)
-        rows = (oy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
-        cols = (ox[:, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w)
-        bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-        ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
-        return xp[bi, ci, rows, cols]
+        if torch.is_autocast_enabled(x.device.type):  # keep x's dtype and the colour map's precision
+            with torch.autocast(x.device.type, enabled=False):
+                return self._apply(x, self._draw(x), plan)
+        return self._apply(x, self._draw(x), plan)
 
-    def _color_jitter(self, x: torch.Tensor) -> torch.Tensor:
-        b = len(x)
-        r = torch.rand(b, 5, device=x.device, generator=self._gen(x.device)).to(x.dtype)
-        apply = (r[:, 0] < self.jitter_p).view(-1, 1, 1, 1)
-        u = 2 * r[:, 1:] - 1  # U[-1, 1] for brightness, contrast, saturation, hue
-        bri, con, sat, hue = self.jitter
-        y = x
-        if bri > 0:
-            y = (y * (1 + bri * u[:, 0]).view(-1, 1, 1, 1)).clamp(0, 1)
-        if con > 0:
-            lum = _gray(y) if y.shape[1] == 3 else y
-            y = _blend(y, lum.mean(dim=(1, 2, 3), keepdim=True), 1 + con * u[:, 1])
-        if y.shape[1] == 3:
-            if sat > 0:
-                y = _blend(y, _gray(y), 1 + sat * u[:, 2])
-            if hue > 0:
-                y = _rotate_hue(y, hue * u[:, 3])
-        return torch.where(apply, y, x)
+    def _apply(self, x: torch.Tensor, r: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Augment ``x`` with the uniform draw ``r`` (B, 9) float64; every op below is one launch.
+
+        ``F = clamp(floor(shift + scale * r), max=top)`` turns r into integers: the crop offsets
+        ``floor((2p + 1) u)`` and the indicators ``[u + q >= 1]`` (probability q) of flip, jitter
+        and not-grayscale.
+        """
+        b, c, h, w = x.shape
+        f = torch.addcmul(plan.shift, r, plan.scale).floor_().clamp_(max=plan.top)
+        if plan.geometry:
+            # crop + flip as one gather through a flat index into the padded images (B, C*Hp*Wp),
+            # exact in float64; the index is 16 bytes per output pixel, small at the usual 32-84 px
+            idx = torch.addmm(plan.cst, f, plan.mg).long()
+            xp = F.pad(x, (plan.pad,) * 4) if plan.pad else x
+            out = torch.gather(xp.reshape(b, -1), 1, idx)
+        else:
+            out = x.reshape(b, -1)
+        if not plan.colour:
+            return out.view(b, c, h, w)
+        # per-sample parameters L = (1, b, c, 1-c, s, theta + pi/2, theta); identity where not jittered
+        lin = torch.lerp(plan.lid, torch.addmm(plan.t0, r, plan.mp), f[:, _R_JIT:_R_JIT + 1])
+        mean_luma = out @ plan.wv  # (B, 1)
+        v = torch.cat([lin, lin.sin(), f, mean_luma], 1)
+        coef = v[:, plan.factors].prod(2)  # (B, 4): bc, bc s k cos, bc s k sin, b (1-c) m
+        a, t = (coef @ plan.basis).to(x.dtype).view(b, c, c + 1).split([c, 1], 2)
+        return torch.baddbmm(t, a, out.view(b, c, h * w)).clamp_(0, 1).view(b, c, h, w)
+
+    def _plan(self, x: torch.Tensor) -> _Plan | None:
+        key = (x.device, x.dtype, *x.shape[1:], self.ops, self.padding, self.flip_p, self.jitter,
+               self.jitter_p, self.gray_p)
+        if key not in self._plans:
+            self._plans[key] = self._build_plan(x)
+        return self._plans[key]
+
+    def _build_plan(self, x: torch.Tensor) -> _Plan | None:
+        """The constants of :meth:`_apply` for ``x``'s device, dtype and (C, H, W); None when the
+        call is the identity (no padding, no flip and no colour op)."""
+        _, c, h, w = x.shape
+        dev, f64 = x.device, torch.float64
+        p = round(w / 8) if self.padding is None else self.padding
+        flip = self.flip_p if "flip" in self.ops else 0.0
+        colour = "jitter" in self.ops
+        geometry = p > 0 or flip > 0
+        if not (geometry or colour):
+            return None
+        scale, shift, top = (torch.zeros(_NRAND, dtype=f64) for _ in range(3))
+        scale[[_R_OY, _R_OX]], top[[_R_OY, _R_OX]] = 2 * p + 1, 2 * p
+        for col, q in ((_R_FLIP, flip), (_R_JIT, self.jitter_p if colour else 0.0),
+                       (_R_KEEP, 1 - self.gray_p if "grayscale" in self.ops else 1.0)):
+            scale[col], shift[col], top[col] = 1.0, q, 1.0
+        plan = _Plan(pad=p, scale=scale.to(dev), shift=shift.to(dev), top=top.to(dev),
+                     geometry=geometry, colour=colour)
+        if geometry:
+            hp, wp = h + 2 * p, w + 2 * p
+            ci, i, j = torch.meshgrid(*(torch.arange(n, dtype=f64) for n in (c, h, w)),
+                                      indexing="ij")
+            mg = torch.zeros(_NRAND, c, h, w, dtype=f64)
+            mg[_R_OY], mg[_R_OX], mg[_R_FLIP] = wp, 1.0, w - 1 - 2 * j
+            plan.cst = (ci * hp * wp + i * wp + j).flatten().to(dev)
+            plan.mg = mg.flatten(1).to(dev)
+        if colour:
+            bri, con, sat, hue = self.jitter
+            t0 = torch.tensor([1, 1 - bri, 1 - con, con, 1 - sat, math.pi / 2 - 2 * math.pi * hue,
+                               -2 * math.pi * hue], dtype=f64)
+            mp = torch.zeros(_NRAND, _NL, dtype=f64)
+            mp[_R_BRI, 1], mp[_R_CON, 2], mp[_R_CON, 3], mp[_R_SAT, 4] = 2 * bri, 2 * con, -2 * con, 2 * sat
+            mp[_R_HUE, 5] = mp[_R_HUE, 6] = 4 * math.pi * hue
+            plan.t0, plan.mp = t0.to(dev), mp.to(dev)
+            plan.lid = torch.tensor([1, 1, 1, 0, 1, math.pi / 2, 0], dtype=f64, device=dev)
+            plan.factors = torch.tensor(_FACTORS, device=dev)
+            basis = torch.zeros(4, c, c + 1, dtype=f64)
+            if c == 3:
+                p0, p1, p2 = _colour_basis()
+                basis[0, :, :3], basis[1, :, :3], basis[2, :, :3] = p0, p1, p2
+                wv = p0[0].repeat_interleave(h * w) / (h * w)
+            else:
+                basis[0, :, :c] = torch.eye(c, dtype=f64)
+                wv = torch.full((c * h * w,), 1 / (c * h * w), dtype=f64)
+            basis[3, :, c] = 1.0
+            plan.basis = basis.flatten(1).to(dev)
+            plan.wv = wv.view(-1, 1).to(dev, x.dtype)
+        return plan
 
 
 def augment(x: torch.Tensor, level: int, seed: int = 0) -> torch.Tensor:
@@ -390,6 +474,8 @@ def config_hash(backbone: nn.Module, source: TensorDataset, **hparams: object) -
     h = hashlib.sha256()
     cls = type(backbone)
     h.update(f"{_CACHE_VERSION}|{cls.__module__}.{cls.__qualname__}|".encode())
+    if hparams.get("aug_level", 1) != 1:
+        h.update(f"augment-v{_AUGMENT_VERSION}|".encode())
     for name, t in backbone.state_dict().items():
         _update_tensor(h, name, t)
     _update_tensor(h, "source.x", source.x)
