@@ -165,6 +165,18 @@ class _Done:
         return None
 
 
+def _bad_pending(owner: ClassStats | ClassStatsGroup) -> tuple | None:
+    """Consume ``owner``'s pending deferred check, waiting for its device flags: the ``(features,
+    labels)`` of that batch if it was bad (labels outside [0, K) or non-finite norms), else None."""
+    if owner._pending is None:
+        return None
+    flags, event, h, y = owner._pending
+    owner._pending = None
+    event.synchronize()
+    bad_y, sq_total = flags.tolist()
+    return (h, y) if bad_y or not math.isfinite(sq_total) else None
+
+
 def _class_sums(out: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """out[k] += sum of the rows v[i] with y[i] == k (in place). Atomic index_add_ on GPUs; on
     CPUs index_put_(accumulate=True), measured several times faster there for (N, d) rows."""
@@ -271,17 +283,15 @@ class ClassStats:
 
     def check(self) -> ClassStats:
         """Raise now the ``ValueError`` of a bad batch found by a deferred check (if any)."""
-        if self._pending is None:
-            return self
-        flags, event, h, y = self._pending
-        self._pending = None
-        event.synchronize()
-        bad_y, sq_total = flags.tolist()
-        if bad_y or not math.isfinite(sq_total):
+        bad = _bad_pending(self)
+        if bad is not None:
+            h, y = bad
+            k = self.num_classes
             nonfinite = int((~torch.isfinite(h)).sum()) if h.dtype.is_floating_point else 0
+            bad_y = int(((y < 0) | (y >= k)).sum())
             if not bad_y and not nonfinite:
                 raise ValueError("squared feature norms overflow float64: rescale the features")
-            _raise_bad(h, y, self.num_classes, nonfinite, int(bad_y))
+            _raise_bad(h, y, k, nonfinite, bad_y)
         return self
 
     @property
@@ -613,14 +623,9 @@ class ClassStatsGroup:
 
     def check(self) -> ClassStatsGroup:
         """Raise now the ``ValueError`` of a bad batch found by a deferred check (if any)."""
-        if self._pending is None:
-            return self
-        flags, event, hs, y = self._pending
-        self._pending = None
-        event.synchronize()
-        bad_y, sq_total = flags.tolist()
-        if bad_y or not math.isfinite(sq_total):
-            self._raise_for(hs, y)
+        bad = _bad_pending(self)
+        if bad is not None:
+            self._raise_for(*bad)
         return self
 
     @torch.no_grad()
