@@ -150,8 +150,9 @@ def main() -> None:
     variants = {"vit": ["full", "layer", "layer+recompute"], "cnn": ["full", "layer", "scl"]}
     if args.recompute_all:
         variants["cnn"] += ["layer+recompute", "scl+recompute"]
-    print("activations kept for backward (float32, batch 8, parameters excluded; any device):")
     xs, ys = x[:8].float(), y[:8]
+    print(f"activations kept for backward (float32, batch {len(xs)}, parameters excluded; any "
+          "device):")
     for name in names:
         acts = {}
         for method in variants["vit" if name.startswith("vit") else "cnn"]:
