@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark on one CUDA GPU, one after another, each under its own time limit; the log goes
-# to ${OUT:-.}/gpu_bench.log. Usage: bash benchmarks/gpu_all.sh [seconds-per-benchmark]
+# to ${OUT:-.}/gpu_bench.log, and the lines that compare with the issues' targets are repeated at
+# the end. Usage: bash benchmarks/gpu_all.sh [seconds-per-benchmark] (default 60; about 80 lets
+# bench_train finish its ResNet-50 and ViT-B/32 variants on an H100/H200).
 set -u
 limit=${1:-60}
 log=${OUT:-.}/gpu_bench.log
@@ -15,3 +17,5 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFE
     echo "--- bench_$b exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
   done
 } 2>&1 | tee "$log"
+echo "=== against the targets (from $log)"
+grep -E "target|PASS|FAIL|BELOW|ABOVE| ok$|recomputation" "$log" | grep -v "^=== "
