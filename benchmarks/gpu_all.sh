@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark on one CUDA GPU, one after another, each under its own time limit; the log goes
 # to ${OUT:-.}/gpu_bench.log, and the lines that compare with the issues' targets are repeated at
-# the end. Usage: bash benchmarks/gpu_all.sh [seconds-per-benchmark] (default 60; about 80 lets
-# bench_train finish its ResNet-50 and ViT-B/32 variants on an H100/H200).
+# the end. Usage: bash benchmarks/gpu_all.sh [seconds-per-benchmark] (default 60; bench_train, the
+# longest, now also times ViT-B/32 Layer FT with recompute_frozen: raise the limit if it is cut off).
 set -u
 limit=${1:-60}
 log=${OUT:-.}/gpu_bench.log
