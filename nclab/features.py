@@ -184,9 +184,9 @@ def extract(
             num_classes = _labels_pass(data)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes} (empty data?)")
-        from .metrics import ClassStats, ClassStatsGroup
+        from .metrics import ClassStatsGroup
 
-        group = ClassStatsGroup(num_classes, device=dev, check="auto")
+        group = ClassStatsGroup(num_classes, device=dev, check="auto", names=names)
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     labels: list[torch.Tensor] = []
 
@@ -253,8 +253,6 @@ def extract(
             raise ValueError("data yielded no batches")
         # torch.cat outside inference mode gives ordinary tensors, usable with autograd later
         return {n: torch.cat(v) for n, v in feats.items()}, torch.cat(labels)
-    if group.names is None:  # no batch: empty statistics
-        return {n: ClassStats(num_classes, device=dev, check="auto") for n in names}
     return group.stats()
 
 

@@ -104,10 +104,13 @@ class SkipPool(nn.Module):
         return F.pad(pooled, (0, self.width - c)) if c < self.width else pooled
 
 
-class _NormFreezable(nn.Module):
-    """A module whose BatchNorm layers stay in eval mode under ``train()`` when ``freeze_norm``."""
+class _Prepared(nn.Module):
+    """What a prepared model and its cached-prefix suffix share: BatchNorm layers stay in eval mode
+    under ``train()`` when ``freeze_norm``; with ``recompute_frozen``, ``features`` recomputes the
+    frozen blocks after the tuned one (``frozen_after()``) in the backward pass."""
 
     freeze_norm: bool = False
+    recompute_frozen: bool = False
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -115,8 +118,21 @@ class _NormFreezable(nn.Module):
             _norms_eval(self)
         return self
 
+    def frozen_after(self) -> list[nn.Module]:
+        raise NotImplementedError
 
-class FineTuned(_NormFreezable):
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (see the subclass's ``_features``)."""
+        if self.recompute_frozen and torch.is_grad_enabled():
+            with recompute_activations(self.frozen_after()):
+                return self._features(x)
+        return self._features(x)
+
+
+class FineTuned(_Prepared):
     """A backbone with a new head, prepared for one fine-tuning method (see :func:`prepare`).
 
     Attributes: ``backbone``, ``head``, ``method``, ``block`` (1-based, or None), ``block_name``
@@ -154,14 +170,8 @@ class FineTuned(_NormFreezable):
             return []
         return [m for _, m in blocks(self.backbone)[self.block:]]
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features ``h`` (B, d); for ``scl`` ``h + pad(pool(z_k))``."""
-        if self.recompute_frozen and self.block is not None and torch.is_grad_enabled():
-            with recompute_activations(self.frozen_after()):
-                return self._features(x)
-        return self._features(x)
-
     def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features ``h`` (B, d); for ``scl`` ``h + pad(pool(z_k))``."""
         if self.skip is None:
             return self.backbone(x)
         store: list[torch.Tensor] = []
@@ -444,7 +454,7 @@ def describe(model: FineTuned) -> pd.DataFrame:
 # --------------------------------------------------------------------------- cached prefix
 
 
-class Suffix(_NormFreezable):
+class Suffix(_Prepared):
     """The trainable end of a prepared model: Block k onwards, the SCL skip, the head.
     ``forward(z)`` takes the prefix's output ``z`` (the input of Block k). Shares its modules with
     the prepared model, so training it trains that model."""
@@ -458,11 +468,9 @@ class Suffix(_NormFreezable):
         self._frozen_after = list(frozen_after or [])  # a plain list: already registered in rest
         self.recompute_frozen = recompute_frozen
 
-    def features(self, z: torch.Tensor) -> torch.Tensor:
-        if self.recompute_frozen and torch.is_grad_enabled():
-            with recompute_activations(self._frozen_after):
-                return self._features(z)
-        return self._features(z)
+    def frozen_after(self) -> list[nn.Module]:
+        """The frozen blocks after the tuned one (inside ``rest``)."""
+        return self._frozen_after
 
     def _features(self, z: torch.Tensor) -> torch.Tensor:
         out = self.block(z)

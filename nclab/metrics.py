@@ -530,16 +530,18 @@ class ClassStatsGroup:
 
     ``group.update({name: h_name}, y)`` has the effect of ``stats[name].update(h_name, y)`` for
     every name, and ``group.stats()`` returns those ``{name: ClassStats}`` (the same numbers up to
-    float64 summation order). Instead of ~16 small kernels per feature set, a batch costs one
-    concatenation into a joint float64 buffer ``[h_1 | ... | h_T | 1 | ||h_1||^2 ... ||h_T||^2]``
-    (feature sets of equal width side by side), one ``index_add`` for every class sum, count and
-    squared norm, and one batched GEMM ``S_g += H_g^T H_g`` per group of equal widths: ~20 launches
-    whatever T (ResNet-18's 9 taps: 4 width groups; a ViT's 12 layers: 1). Every name must come in
-    every update. ``check`` and ``low_memory`` mean what they mean for :class:`ClassStats`; errors
-    name the feature set that caused them."""
+    float64 summation order; empty ones for every name in ``names`` if no batch came). Instead of
+    ~16 small kernels per feature set, a batch costs one concatenation into a joint float64 buffer
+    ``[h_1 | ... | h_T | 1 | ||h_1||^2 ... ||h_T||^2]`` (feature sets of equal width side by side),
+    one ``index_add`` for every class sum, count and squared norm, and one batched GEMM
+    ``S_g += H_g^T H_g`` per group of equal widths: ~20 launches whatever T (ResNet-18's 9 taps: 4
+    width groups; a ViT's 12 layers: 1). Every name must come in every update, in one order:
+    ``names`` if given, else the first update's. ``check`` and ``low_memory`` mean what they mean
+    for :class:`ClassStats`; errors name the feature set that caused them."""
 
     def __init__(self, num_classes: int, device: torch.device | str | None = None,
-                 low_memory: bool = False, check: str = "auto") -> None:
+                 low_memory: bool = False, check: str = "auto",
+                 names: Iterable[str] | None = None) -> None:
         if check not in ("auto", "eager", "deferred"):
             raise ValueError(f"check must be 'auto', 'eager' or 'deferred', got {check!r}")
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -548,7 +550,9 @@ class ClassStatsGroup:
         self.device = _normalize_device(device) if device is not None else None
         self.low_memory = low_memory
         self.check_mode = check
-        self.names: list[str] | None = None
+        self.names: list[str] | None = None if names is None else list(names)
+        if self.names is not None and (not self.names or len(set(self.names)) != len(self.names)):
+            raise ValueError(f"names must be distinct and non-empty, got {self.names}")
         self._dims: dict[str, int] = {}
         self._order: list[str] = []  # names sorted by width (stable): equal widths adjacent
         self._offsets: dict[str, int] = {}
@@ -559,7 +563,7 @@ class ClassStatsGroup:
         self._pending: tuple | None = None
 
     def __repr__(self) -> str:
-        widths = ", ".join(f"{n}: {self._dims[n]}" for n in self.names or [])
+        widths = ", ".join(f"{n}: {self._dims.get(n)}" for n in self.names or [])
         return f"ClassStatsGroup(num_classes={self.num_classes}, {{{widths}}})"
 
     def _allocate(self, hs: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -599,6 +603,7 @@ class ClassStatsGroup:
             if list(hs) != self.names:
                 raise ValueError(f"this group streams {self.names}; got {list(hs)} (every name, "
                                  "in the same order, in every update)")
+        if self._acc is not None:
             for name, h in hs.items():
                 if h.shape[1] != self._dims[name]:
                     raise ValueError(f"{name!r} has {h.shape[1]} columns, earlier batches "
@@ -636,7 +641,7 @@ class ClassStatsGroup:
         n = len(y)
         if n == 0:
             return self
-        if self.names is None:
+        if self._acc is None:
             self._allocate(hs, next(iter(hs.values())).device)
         k = self.num_classes
         y = y.long()
@@ -669,8 +674,12 @@ class ClassStatsGroup:
     def stats(self) -> dict[str, ClassStats]:
         """``{name: ClassStats}`` with the statistics streamed so far (copies, in update order)."""
         self.check()
-        if self.names is None:
-            raise ValueError("ClassStatsGroup is empty: call update({name: h}, y) first")
+        if self._acc is None:
+            if self.names is None:
+                raise ValueError("ClassStatsGroup is empty and has no names: call "
+                                 "update({name: h}, y) first, or give names=")
+            return {n: ClassStats(self.num_classes, device=self.device, low_memory=self.low_memory,
+                                  check=self.check_mode) for n in self.names}
         total, out = self._indicator.shape[0], {}
         position = {n: j for j, n in enumerate(self._order)}
         moment_of = {n: (gi, i) for gi, (_, _, ns) in enumerate(self._groups)

@@ -463,7 +463,7 @@ def _evaluate(model: nn.Module, test: Any, dev: torch.device, d: _Dist, num_clas
     was_training = model.training
     model.eval()
     pen = ClassStats(num_classes, device=dev, check="auto")  # no host sync per batch on GPUs
-    group = ClassStatsGroup(num_classes, device=dev, check="auto")  # every tap in one update
+    group = ClassStatsGroup(num_classes, device=dev, check="auto", names=layers) if layers else None
     current: dict[str, torch.Tensor] = {}
 
     def tap(name: str) -> Callable:
@@ -492,7 +492,7 @@ def _evaluate(model: nn.Module, test: Any, dev: torch.device, d: _Dist, num_clas
                 h = model.features(x)
                 logits = model.head(h)
             pen.update(h.float(), y)
-            if layers:
+            if group is not None:  # every tap in one update
                 group.update({name: current[name] for name in layers}, y)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
@@ -503,9 +503,7 @@ def _evaluate(model: nn.Module, test: Any, dev: torch.device, d: _Dist, num_clas
             hk.remove()
         model.train(was_training)
     totals = _all_reduce(torch.stack([loss_sum, correct, count]), d)
-    layer_stats = {name: ClassStats(num_classes, device=dev) for name in layers}
-    if group.names is not None:
-        layer_stats = group.stats()
+    layer_stats = group.stats() if group is not None else {}
     if d.active:
         pen.sync()
         for s in layer_stats.values():

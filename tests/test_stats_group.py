@@ -143,3 +143,16 @@ def test_operations_do_not_grow_with_the_number_of_sets():
         if t == 12:
             assert counts[t] * 4 < per_set
     assert counts[12] == counts[2]
+
+
+def test_names_given_up_front():
+    empty = ClassStatsGroup(K, names=["a", "b"]).stats()
+    assert list(empty) == ["a", "b"] and all(s.num_samples == 0 for s in empty.values())
+    (hs, y), *_ = _batches()
+    group = ClassStatsGroup(K, names=list(DIMS))
+    group.update(hs, y)
+    assert group.stats()["b"].num_samples == len(y)
+    with pytest.raises(ValueError, match="every name"):
+        ClassStatsGroup(K, names=["b", "a"]).update({"a": hs["a"], "b": hs["b"]}, y)
+    with pytest.raises(ValueError, match="distinct and non-empty"):
+        ClassStatsGroup(K, names=["a", "a"])
