@@ -29,6 +29,8 @@ __all__ = [
     "IMAGENET_STD",
     "load",
     "digits",
+    "cifar10_2k",
+    "fashion_mnist_2k",
     "synthetic_features",
     "synthetic_images",
     "subset_per_class",
@@ -96,25 +98,60 @@ class TensorDataset(Dataset):
 
 
 # --------------------------------------------------------------------------- offline data
+def _stratified_split(y: np.ndarray, split: str, test_fraction: float) -> np.ndarray:
+    """Sorted indices of the ``split`` part of a fixed stratified split (seed 0)."""
+    from sklearn.model_selection import train_test_split
+
+    _check_split(split, ("train", "test"))
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_fraction,
+                                           stratify=y, random_state=0)
+    return np.sort(idx_train if split == "train" else idx_test)
+
+
 def digits(split: str = "train", size: int = 32, test_fraction: float = 0.3) -> TensorDataset:
     """scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes) served as 3x``size``x``size``
     uint8 images with a fixed, stratified train/test split (seed 0, 30 % test)."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
-    _check_split(split, ("train", "test"))
     bunch = load_digits()
     imgs = torch.from_numpy(bunch.images).float() / 16.0  # (N, 8, 8) in [0, 1]
     labels = torch.from_numpy(bunch.target).long()
-    idx_train, idx_test = train_test_split(
-        np.arange(len(labels)), test_size=test_fraction, stratify=labels.numpy(), random_state=0
-    )
-    idx = torch.from_numpy(np.sort(idx_train if split == "train" else idx_test))
+    idx = torch.from_numpy(_stratified_split(bunch.target, split, test_fraction))
     x = imgs[idx, None]
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     return TensorDataset(x, labels[idx], classes=[str(d) for d in range(10)])
+
+
+def cifar10_2k(split: str = "train", download: bool = True) -> TensorDataset:
+    """Real CIFAR-10 from the local mirror (:mod:`nclab.mirror`): ``train`` is the first 2000
+    training images, ``test`` the first 1000 test images, both 3x32x32 uint8, lossless."""
+    from .mirror import fetch
+
+    _check_split(split, ("train", "test"))
+    with np.load(fetch("cifar10_2k", download=download), allow_pickle=False) as z:
+        x, y, names = z[f"x_{split}"], z[f"y_{split}"], [str(c) for c in z["classes"]]
+    return TensorDataset(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(),
+                         torch.from_numpy(y.astype(np.int64)), classes=names)
+
+
+def fashion_mnist_2k(split: str = "train", size: int = 32, test_fraction: float = 0.3,
+                     download: bool = True) -> TensorDataset:
+    """Real Fashion-MNIST from the local mirror (:mod:`nclab.mirror`): 2000 test images of the
+    original set, split once into a stratified train/test part (seed 0, 30 % test, as
+    :func:`digits`), served as 3x``size``x``size`` uint8 (bilinear resize of the 28x28 grey)."""
+    from .mirror import fetch
+
+    with np.load(fetch("fashion_mnist_2k", download=download), allow_pickle=False) as z:
+        x_all, y_all, names = z["x"], z["y"].astype(np.int64), [str(c) for c in z["classes"]]
+    idx = _stratified_split(y_all, split, test_fraction)
+    x = torch.from_numpy(x_all[idx]).float()[:, None] / 255.0
+    if size != 28:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=size < 28)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return TensorDataset(x, torch.from_numpy(y_all[idx]), classes=names)
 
 
 def synthetic_features(
@@ -288,6 +325,8 @@ class _Remote:
 #: The registry of :func:`load`: name -> where the data come from.
 DATASETS: dict[str, _Remote | str] = {
     "digits": "offline: scikit-learn's digits (10 classes, 32x32)",
+    "cifar10_2k": "local mirror: real CIFAR-10, 2000 train / 1000 test images (nclab.mirror)",
+    "fashion_mnist_2k": "local mirror: real Fashion-MNIST, 2000 images split 70/30 (nclab.mirror)",
     "cifar10": _Remote("CIFAR10", "cifar-10-batches-py",
                        ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
                        {"train": {"train": True}, "test": {"train": False}}, True),
@@ -351,7 +390,9 @@ def load(
 ) -> Dataset:
     """A dataset from the registry (:data:`DATASETS`).
 
-    ``digits`` is offline. The others come through torchvision into ``root`` (default
+    ``digits`` is offline; ``cifar10_2k`` and ``fashion_mnist_2k`` come from the local mirror
+    (:mod:`nclab.mirror`, verified by SHA-256; ``image_size`` resizes Fashion-MNIST).
+    The others come through torchvision into ``root`` (default
     ``$NCLAB_DATA``, else ``~/.cache/nclab/data``), downloaded with torchvision's checksums when
     missing. Offline, a missing dataset raises :class:`DatasetUnavailableError` within seconds,
     naming the files to fetch and the folder to put them in.
@@ -364,6 +405,10 @@ def load(
         raise ValueError(f"unknown dataset {name!r}; registered: {', '.join(DATASETS)}")
     if name == "digits":
         return digits(split, size=image_size or 32)
+    if name == "cifar10_2k":
+        return cifar10_2k(split, download=download)
+    if name == "fashion_mnist_2k":
+        return fashion_mnist_2k(split, size=image_size or 32, download=download)
     spec = DATASETS[name]
     _check_split(split, tuple(spec.splits))
     root = data_dir(root)
@@ -433,7 +478,8 @@ def load_tensors(
     image sizes are resized and centre-cropped to ``image_size`` once. With ``max_per_class`` every
     class is capped at that many images (drawn with ``seed``) when all classes have more."""
     spec = DATASETS.get(name)
-    fixed = name == "digits" or (isinstance(spec, _Remote) and spec.fixed_size)
+    fixed = name in ("digits", "cifar10_2k", "fashion_mnist_2k") or (
+        isinstance(spec, _Remote) and spec.fixed_size)
     ds = load(name, split, root=root, image_size=None if fixed else image_size)
     ds = ds if isinstance(ds, TensorDataset) else materialize(ds)
     if max_per_class is not None and int(torch.bincount(ds.y).min()) > max_per_class:

@@ -41,16 +41,20 @@ from torch import nn
 
 __all__ = [
     "BACKBONES",
+    "CIFAR_RESNETS",
     "FAMILIES",
     "ConvNetS",
+    "PadShortcut",
     "ResNetS",
     "WeightsUnavailableError",
     "blocks",
+    "cifar_resnet",
     "default_block",
     "family",
     "feature_dim",
     "load_backbone",
     "load_weights",
+    "source_classifier",
     "strip_classifier",
 ]
 
@@ -81,16 +85,37 @@ class ConvNetS(nn.Module):
         return self.pool(self.features(x)).flatten(1)
 
 
-class _BasicBlock(nn.Module):
+class PadShortcut(nn.Module):
+    """The parameter-free "option A" shortcut of He et al. (2016) for CIFAR ResNets: subsample by
+    ``stride`` and zero-pad the new channels equally on both sides."""
+
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        if c_out < c_in or (c_out - c_in) % 2:
+            raise ValueError(f"option-A shortcut needs an even channel increase, got {c_in}->{c_out}")
+        self.stride = stride
+        self.pad = (c_out - c_in) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return nn.functional.pad(x, (0, 0, 0, 0, self.pad, self.pad))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, pad={self.pad}"
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str = "B") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
+        self.downsample: nn.Module | None = None
+        if (stride != 1 or c_in != c_out) and shortcut == "A":
+            self.downsample = PadShortcut(c_in, c_out, stride)
+        elif stride != 1 or c_in != c_out:
             self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
                                             nn.BatchNorm2d(c_out))
 
@@ -103,21 +128,28 @@ class _BasicBlock(nn.Module):
 class ResNetS(nn.Module):
     """A small CIFAR-style ResNet: 3x3 stem, three stages of basic residual blocks with widths
     ``width, 2*width, 4*width`` (strides 1, 2, 2), global average pool. Its fine-tuning units are
-    the residual blocks ``layer1.0`` ... in order, as torchvision's ResNets."""
+    the residual blocks ``layer1.0`` ... in order, as torchvision's ResNets.
+
+    ``shortcut="B"`` (default) projects with a 1x1 conv + BN where the shape changes;
+    ``shortcut="A"`` uses the parameter-free :class:`PadShortcut`, which with ``width=16`` and
+    ``depths=(n, n, n)`` is exactly the ResNet-(6n+2) of He et al. (2016, Sec. 4.2) for CIFAR-10
+    (see :func:`cifar_resnet`)."""
 
     def __init__(self, width: int = 16, depths: tuple[int, ...] = (1, 1, 1),
-                 in_channels: int = 3) -> None:
+                 in_channels: int = 3, shortcut: str = "B") -> None:
         super().__init__()
         if width < 1 or not depths or min(depths) < 1:
             raise ValueError(f"width and every depth must be >= 1, got {width}, {depths}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' (zero-pad) or 'B' (1x1 conv), got {shortcut!r}")
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         c_in = width
         for s, depth in enumerate(depths):
             c_out = width * 2**s
-            stage = [_BasicBlock(c_in if i == 0 else c_out, c_out, 1 if s == 0 or i else 2)
-                     for i in range(depth)]
+            stage = [_BasicBlock(c_in if i == 0 else c_out, c_out, 1 if s == 0 or i else 2,
+                                 shortcut) for i in range(depth)]
             setattr(self, f"layer{s + 1}", nn.Sequential(*stage))
             c_in = c_out
         self.num_stages = len(depths)
@@ -129,6 +161,21 @@ class ResNetS(nn.Module):
         for s in range(self.num_stages):
             x = getattr(self, f"layer{s + 1}")(x)
         return self.pool(x).flatten(1)
+
+
+#: Depths of the CIFAR ResNets of He et al. (2016) with real CIFAR-10 checkpoints in the mirror.
+CIFAR_RESNETS = (20, 32, 44, 56)
+
+
+def cifar_resnet(depth: int) -> ResNetS:
+    """The CIFAR-10 ResNet-``depth`` of He et al. (2016): ``depth = 6n + 2`` layers, three stages of
+    ``n`` basic blocks with 16/32/64 channels and option-A shortcuts (0.27M parameters for
+    ResNet-20). Random initialisation; ``load_backbone(f"resnet{depth}")`` loads the real
+    checkpoint. Its fine-tuning units are the ``3n`` blocks ``layer1.0`` ... ``layer3.{n-1}``."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"a CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
+    n = (depth - 2) // 6
+    return ResNetS(width=16, depths=(n, n, n), shortcut="A")
 
 
 # --------------------------------------------------------------------------- families
@@ -262,7 +309,7 @@ _HEAD_KEYS: dict[str, tuple[str, ...]] = {
     "vit": ("head.",),
     "clip_vit": ("proj",),
     "convnet_s": ("fc.", "classifier.", "head."),
-    "resnet_s": ("fc.", "classifier.", "head."),
+    "resnet_s": ("fc.", "classifier.", "head.", "linear."),
 }
 
 
@@ -433,6 +480,9 @@ BACKBONES: dict[str, _Spec] = {
     "clip_vit_b32": _Spec("open_clip", "ViT-B-32", "open_clip CLIP ViT-B/32 image encoder"),
     "convnet_s": _Spec("small", "ConvNetS", "small ConvNet for 32 px (train it: nclab.pretrain)"),
     "resnet_s": _Spec("small", "ResNetS", "small ResNet for 32 px (train it: nclab.pretrain)"),
+    **{f"resnet{n}": _Spec("mirror", f"resnet{n}", f"CIFAR-10 ResNet-{n}, option A (He et al. "
+                           "2016; weights: akamaster/pytorch_resnet_cifar10)")
+       for n in CIFAR_RESNETS},
 }
 
 
@@ -529,6 +579,10 @@ def load_backbone(name: str, pretrained: bool | str = True,
       projection so the features are the 768-d encoder output, as for ViT-B/32 — set ``True`` for
       the 512-d joint embedding) and ``quick_gelu`` (default: as the weights' tag; ``openai``
       uses QuickGELU).
+    - ``resnet20``/``32``/``44``/``56``: the CIFAR-10 ResNets of He et al. (2016) with real
+      CIFAR-10-trained weights from the local mirror (:mod:`nclab.mirror`, verified by SHA-256,
+      downloaded from akamaster/pytorch_resnet_cifar10 when online); inputs 32 px, normalised
+      with :data:`nclab.data.IMAGENET_MEAN`/``STD`` as :func:`nclab.data.batches` does.
     - ``convnet_s``/``resnet_s`` have no downloadable weights: pre-train them with
       :func:`nclab.pretrain.pretrain`, or pass ``weights=``.
     """
@@ -545,6 +599,16 @@ def load_backbone(name: str, pretrained: bool | str = True,
                 "nclab.cache_dir()), or pass weights='/path/to/state_dict.pt'."
             )
         model: nn.Module = (ConvNetS if spec.arch == "ConvNetS" else ResNetS)(**kwargs)
+    elif spec.source == "mirror":
+        if kwargs:
+            raise ValueError(f"{name!r} takes no constructor options, got {sorted(kwargs)}")
+        if isinstance(pretrained, str):
+            raise ValueError(f"{name!r} has one set of weights: pass pretrained=True or False")
+        model = cifar_resnet(int(spec.arch[len("resnet"):]))
+        if pretrained:
+            from .mirror import fetch
+
+            load_weights(model, fetch(name))
     elif spec.source == "torchvision":
         import torchvision.models as tvm
 
@@ -591,6 +655,24 @@ def load_backbone(name: str, pretrained: bool | str = True,
     if weights is not None:
         load_weights(model, weights)
     return model.eval()
+
+
+def source_classifier(name: str) -> nn.Linear:
+    """The CIFAR-10 classifier that came with a mirror checkpoint (``resnet20`` ...): the
+    ``nn.Linear(64, 10)`` that maps :func:`load_backbone`'s features to CIFAR-10 logits, so that
+    ``source_classifier(n)(load_backbone(n)(x))`` is the published model's output."""
+    spec = BACKBONES.get(name)
+    if spec is None or spec.source != "mirror":
+        mirrored = [n for n, s in BACKBONES.items() if s.source == "mirror"]
+        raise ValueError(f"{name!r} has no mirrored classifier; mirrored models: {mirrored}")
+    from .mirror import fetch
+
+    sd = _read_state_dict(fetch(name))
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    w, b = sd["linear.weight"], sd["linear.bias"]
+    head = nn.Linear(w.shape[1], w.shape[0])
+    head.load_state_dict({"weight": w, "bias": b})
+    return head.eval()
 
 
 def _resolve_block(model: nn.Module, block: int | None) -> tuple[int, str, nn.Module]:

@@ -1,8 +1,10 @@
 """Runtime context: the compute device, seeding, and the active profile.
 
 The profile sets every size a chapter uses (epochs, data, model names), so that the same notebook runs
-in seconds on a laptop CPU (``smoke``), in minutes on one GPU (``course``) and as in the paper
-(``paper``). It is chosen by the environment variable ``NCLAB_PROFILE``.
+in seconds on a laptop CPU (``smoke``: bundled digits, nets trained in the chapter), in minutes on a
+CPU with real images and really pre-trained networks (``real``: the local mirror of
+:mod:`nclab.mirror`, CIFAR-10-trained ResNet-20/32/44/56), in minutes on one GPU (``course``) and as
+in the paper (``paper``). It is chosen by the environment variable ``NCLAB_PROFILE``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Profile:
 
     Fields
     ------
-    name: ``smoke`` | ``course`` | ``paper``.
+    name: ``smoke`` | ``real`` | ``course`` | ``paper``.
     seeds: seeds for studies that report error bars.
     pretrain_epochs: epochs of source pre-training for models a chapter trains itself.
     finetune_epochs: epochs of downstream fine-tuning (Table 3 uses 200 in ``paper``).
@@ -98,6 +100,22 @@ PROFILES: dict[str, Profile] = {
         fewshot_dataset="digits_fs",
         fewshot_scale=0.125,
         fewshot_epochs=5,
+    ),
+    "real": Profile(
+        name="real",
+        seeds=(0, 1, 2),
+        pretrain_epochs=15,
+        finetune_epochs=10,
+        batch_size=128,
+        image_size=32,
+        downstream=("fashion_mnist_2k", "digits"),
+        source="cifar10_2k",
+        models=("resnet20", "resnet32", "resnet44", "resnet56"),
+        shots_per_class=(3, 10, 32, 100),
+        episodes=200,
+        fewshot_dataset="cifar10_fs",
+        fewshot_scale=0.25,
+        fewshot_epochs=15,
     ),
     "course": Profile(
         name="course",

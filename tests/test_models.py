@@ -25,6 +25,10 @@ EXPECTED = {
     "clip_vit_b32": (64, 12, ("transformer.resblocks.0", "transformer.resblocks.11"), 768),
     "convnet_s": (32, 4, ("features.0", "features.3"), 32),
     "resnet_s": (32, 3, ("layer1.0", "layer3.0"), 64),
+    "resnet20": (32, 9, ("layer1.0", "layer3.2"), 64),
+    "resnet32": (32, 15, ("layer1.0", "layer3.4"), 64),
+    "resnet44": (32, 21, ("layer1.0", "layer3.6"), 64),
+    "resnet56": (32, 27, ("layer1.0", "layer3.8"), 64),
 }
 
 
@@ -40,6 +44,29 @@ def zoo() -> dict[str, nn.Module]:
     torch.manual_seed(0)
     return {name: M.load_backbone(name, pretrained=False, **SMALL.get(name, {}))
             for name in EXPECTED}
+
+
+@pytest.mark.parametrize("depth,params", [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85)])
+def test_cifar_resnets_are_he_et_al(zoo, depth, params):
+    """He et al. (2016, Table 6): 0.27M / 0.46M / 0.66M / 0.85M parameters (with the 650-weight
+    classifier); option-A shortcuts have no parameters; the paper's block is the first of stage 3."""
+    model = zoo[f"resnet{depth}"]
+    n = (depth - 2) // 6
+    count = sum(p.numel() for p in model.parameters()) + 64 * 10 + 10
+    assert round(count / 1e6, 2) == params
+    shortcuts = [m for m in model.modules() if isinstance(m, M.PadShortcut)]
+    assert len(shortcuts) == 2 and all(not list(s.parameters()) for s in shortcuts)
+    assert M.blocks(model)[M.default_block(model) - 1][0] == "layer3.0"
+    assert M.default_block(model) == 2 * n + 1
+    x = torch.randn(2, 16, 32, 32)
+    out = shortcuts[0](x)  # option A: stride-2 subsample, 8 zero channels on each side
+    assert out.shape == (2, 32, 16, 16)
+    assert torch.equal(out[:, 8:24], x[:, :, ::2, ::2]) and not out[:, :8].any()
+    assert not out[:, 24:].any()
+    with pytest.raises(ValueError, match="6n\\+2"):
+        M.cifar_resnet(21)
+    with pytest.raises(ValueError, match="takes no constructor options"):
+        M.load_backbone("resnet20", pretrained=False, width=8)
 
 
 def test_registry_is_covered():

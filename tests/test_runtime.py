@@ -13,7 +13,7 @@ def test_profile_default_is_smoke_without_cuda(monkeypatch):
     assert runtime.profile().name == expected
 
 
-@pytest.mark.parametrize("name", ["smoke", "course", "paper", " Smoke "])
+@pytest.mark.parametrize("name", ["smoke", "real", "course", "paper", " Smoke "])
 def test_profile_from_env(monkeypatch, name):
     monkeypatch.setenv("NCLAB_PROFILE", name)
     p = runtime.profile()
@@ -23,7 +23,7 @@ def test_profile_from_env(monkeypatch, name):
 
 def test_profile_unknown_lists_valid(monkeypatch):
     monkeypatch.setenv("NCLAB_PROFILE", "fast")
-    with pytest.raises(ValueError, match="smoke, course, paper"):
+    with pytest.raises(ValueError, match="smoke, real, course, paper"):
         runtime.profile()
     with pytest.raises(ValueError, match="'huge'"):
         runtime.profile("huge")
@@ -39,6 +39,17 @@ def test_profiles_grow_from_smoke_to_paper():
     s, c, p = (runtime.PROFILES[k] for k in ("smoke", "course", "paper"))
     assert s.pretrain_epochs <= c.pretrain_epochs <= p.pretrain_epochs
     assert s.finetune_epochs <= p.finetune_epochs and p.finetune_epochs == 200
+
+
+def test_real_profile_uses_the_mirror_and_registered_names():
+    from nclab import data, fewshot, models
+
+    r = runtime.PROFILES["real"]
+    assert r.image_size == 32 and r.source == "cifar10_2k"
+    assert set(r.models) == {f"resnet{n}" for n in models.CIFAR_RESNETS}
+    assert all(models.BACKBONES[m].source == "mirror" for m in r.models)
+    assert all(d in data.DATASETS for d in (*r.downstream, r.source))
+    assert r.fewshot_dataset in fewshot.FEWSHOT_DATASETS
 
 
 def test_seed_everything_reproduces_all_generators():
