@@ -11,8 +11,8 @@ export NCLAB_CACHE ?= $(CURDIR)/.nclab_cache
 # running 5-10x slower, and a hung cell still fails within minutes.
 CELL_TIMEOUT ?= 300
 CHAPTERS := $(sort $(wildcard book/[0-9]*.ipynb))
-SOLUTIONS := $(sort $(wildcard book/assignments/*.ipynb))
-SOLUTIONS := $(filter-out %student.ipynb,$(SOLUTIONS))
+# The instructors' solutions: left out of the book (_config.yml) and the wheel; a public copy has none.
+SOLUTIONS := $(sort $(wildcard book/instructors/solutions/*_solution.ipynb))
 
 .PHONY: all test book unit chapters lint install student clean-book clean
 
@@ -52,9 +52,14 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . --builder html -W --keep-going
 	@test -f _build/html/index.html && echo "book: _build/html/index.html"
 
-# Regenerate the student versions of the assignments from their solutions (deterministic).
+# Regenerate the student versions of the assignments (book/assignments/) from their solutions
+# (deterministic), then check them (in sync, no solution code, no solution notebook elsewhere).
 student: $(STAMP)
+	@if [ -z "$(strip $(SOLUTIONS))" ]; then echo "make student: no solutions in" \
+	  "book/instructors/solutions/ (a public copy has none; see book/assignments/instructors.md)"; \
+	  exit 1; fi
 	$(BIN)/nclab make-student $(SOLUTIONS)
+	$(BIN)/nclab check-assignments book/instructors/solutions
 
 clean-book:
 	rm -rf _build

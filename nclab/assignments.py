@@ -2,7 +2,18 @@
 
 An assignment is one *solution* notebook ``<name>_solution.ipynb`` whose solution cells carry the
 cell tag ``solution``. :func:`student_notebook` turns it into the student version
-``<name>_student.ipynb``:
+``<name>_student.ipynb``.
+
+Where they live (paths relative to the repository root): the solutions in
+:data:`SOLUTION_FOLDER` (``book/instructors/solutions/``), which the published book
+(``exclude_patterns`` in ``_config.yml``) and the ``nclab`` wheel leave out and a public copy of
+the course omits; the student versions in :data:`STUDENT_FOLDER` (``book/assignments/``), listed
+in the book's table of contents. The mapping is fixed: ``<book>/instructors/solutions/x_solution.ipynb``
+-> ``<book>/assignments/x_student.ipynb`` (:func:`student_path`). A solution notebook anywhere
+else, or a student version aimed at the solutions folder, is an error, and
+:func:`check_assignments` reports a solution notebook found elsewhere in the book.
+
+The conversion:
 
 * a code solution cell keeps its top-level statements (imports, the lines that try the functions)
   and the signature and docstring of every top-level function (and of every method of a top-level
@@ -18,6 +29,9 @@ cell tag ``solution``. :func:`student_notebook` turns it into the student versio
 The conversion is a pure function of the solution notebook and the file is written in nbformat's
 canonical JSON, so :func:`check_assignments` can regenerate and compare byte for byte, and also
 checks that no line of a solution body appears anywhere in the student version.
+
+Grading needs no solution file: the grading cell calls :mod:`nclab.grading`, which draws its hidden
+cases from a seed at run time and compares with nclab's own implementation (or a property).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import os
 import re
 from pathlib import Path
 
@@ -35,9 +50,12 @@ __all__ = [
     "STUB_TAG",
     "CALLS_TAG",
     "DEFAULT_HINT",
+    "SOLUTION_FOLDER",
+    "STUDENT_FOLDER",
     "stub_code",
     "stub_markdown",
     "student_notebook",
+    "student_folder",
     "student_path",
     "solution_paths",
     "render",
@@ -53,6 +71,12 @@ CALLS_TAG = "calls-solution"
 STUB_ERROR = "NotImplementedError"  # what a stub raises (the graders score it as "not implemented")
 SOLUTION_SUFFIX = "_solution.ipynb"
 STUDENT_SUFFIX = "_student.ipynb"
+#: The instructors' solution notebooks (relative to the repository root): private, not published.
+SOLUTION_FOLDER = Path("book") / "instructors" / "solutions"
+#: The generated student notebooks (relative to the repository root): published in the book.
+STUDENT_FOLDER = Path("book") / "assignments"
+_SOLUTION_PARTS = SOLUTION_FOLDER.parts[1:]  # ("instructors", "solutions") below the book folder
+_STUDENT_PARTS = STUDENT_FOLDER.parts[1:]  # ("assignments",)
 DEFAULT_HINT = "write your implementation here"
 _HINT = re.compile(r"^\s*#\s*HINT:\s?(.*)$")
 _COMMENT = re.compile(r"^\s*#")
@@ -203,29 +227,70 @@ def render(nb: nbformat.NotebookNode) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
+def student_folder(solution_folder: str | Path) -> Path:
+    """``<book>/instructors/solutions`` -> ``<book>/assignments``, where the student versions go.
+
+    ``ValueError`` for any other folder: solution notebooks are only handled inside a solutions
+    folder, so that a solution never sits in (or is regenerated into) a published folder. A
+    relative path gives a relative result."""
+    folder = Path(solution_folder)
+    n = len(_SOLUTION_PARTS)
+    if folder.parts[-n:] != _SOLUTION_PARTS:
+        folder = Path(os.path.abspath(folder))  # '.', '..' (e.g. run from inside the folder)
+    if folder.parts[-n:] != _SOLUTION_PARTS:
+        raise ValueError(
+            f"{solution_folder} is not a solutions folder: solution notebooks live in "
+            f"'<book>/{'/'.join(_SOLUTION_PARTS)}/' ({SOLUTION_FOLDER}/ in this repository), which the "
+            f"book and the package leave out; their student versions go to '<book>/"
+            f"{'/'.join(_STUDENT_PARTS)}/'")
+    return folder.parents[n - 1].joinpath(*_STUDENT_PARTS)
+
+
 def student_path(solution: str | Path) -> Path:
-    """``x_solution.ipynb`` -> ``x_student.ipynb`` in the same folder."""
+    """``<book>/instructors/solutions/x_solution.ipynb`` -> ``<book>/assignments/x_student.ipynb``.
+
+    ``ValueError`` if the name does not end in ``_solution.ipynb`` or the notebook is not in a
+    solutions folder (:func:`student_folder`)."""
     solution = Path(solution)
     if not solution.name.endswith(SOLUTION_SUFFIX):
         raise ValueError(f"{solution}: solution notebooks are named '<name>{SOLUTION_SUFFIX}'")
-    return solution.with_name(solution.name[: -len(SOLUTION_SUFFIX)] + STUDENT_SUFFIX)
+    name = solution.name[: -len(SOLUTION_SUFFIX)] + STUDENT_SUFFIX
+    return student_folder(solution.parent) / name
 
 
 def solution_paths(folder: str | Path) -> list[Path]:
-    """The solution notebooks in ``folder`` (sorted); ``ValueError`` if there is none."""
+    """The solution notebooks in the solutions folder ``folder`` (sorted); ``ValueError`` if it is
+    missing (e.g. a public copy of the course, which has no solutions), is not a solutions folder
+    (:func:`student_folder`) or holds none."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
+        raise ValueError(f"{folder} is not a folder (the solutions are kept in {SOLUTION_FOLDER}/ of "
+                         "the instructors' copy of the course; a public copy has none)")
+    student_folder(folder)
     found = sorted(folder.glob(f"*{SOLUTION_SUFFIX}"))
     if not found:
         raise ValueError(f"no '*{SOLUTION_SUFFIX}' notebooks in {folder}")
     return found
 
 
+def _within(path: Path, folder: Path) -> bool:
+    return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(folder)))
+
+
 def make_student(solution: str | Path, out: str | Path | None = None) -> Path:
-    """Write the student version of ``solution`` to ``out`` (default :func:`student_path`)."""
+    """Write the student version of ``solution`` to ``out`` (default :func:`student_path`).
+
+    ``ValueError`` if ``solution`` is not in a solutions folder, or if ``out`` is not named
+    ``<name>_student.ipynb`` or lies inside the solutions folder (the book leaves that folder out, so
+    the published student version would silently stay stale)."""
     solution = Path(solution)
-    out = Path(out) if out is not None else student_path(solution)
+    default = student_path(solution)
+    out = Path(out) if out is not None else default
+    if not out.name.endswith(STUDENT_SUFFIX):
+        raise ValueError(f"{out}: student notebooks are named '<name>{STUDENT_SUFFIX}'")
+    if _within(out, solution.parent):
+        raise ValueError(f"{out}: a student version is not written into the solutions folder "
+                         f"{solution.parent}; it belongs in {default.parent}")
     nb = nbformat.read(solution, as_version=4)
     out.write_text(render(student_notebook(nb)), encoding="utf-8")
     return out
@@ -266,11 +331,26 @@ def leaked_lines(solution: nbformat.NotebookNode, student: nbformat.NotebookNode
 
 
 def check_assignments(folder: str | Path) -> list[str]:
-    """Problems with the assignments in ``folder`` (empty list = all good): a missing or stale
-    student version, solution code in a student version, a stub cell without ``raises-exception``
-    or still tagged ``solution``."""
+    """Problems with the assignments whose solutions are in the solutions folder ``folder``
+    (empty list = all good): a missing or stale student version, solution code in a student
+    version, a student version that names the solutions' file or folder, a stub cell without
+    ``raises-exception`` or still tagged ``solution``, a student version without a solution, and a
+    ``*_solution.ipynb`` anywhere in the book outside ``folder`` (it could be published)."""
+    folder = Path(folder)
     problems = []
-    for sol_path in solution_paths(folder):
+    sols = solution_paths(folder)
+    stu_folder = student_folder(folder)
+    book = stu_folder.parent
+    for stray in sorted(book.rglob(f"*{SOLUTION_SUFFIX}")):
+        if not _within(stray, folder):
+            problems.append(f"{stray} is a solution notebook outside {folder}: move it there (only "
+                            "that folder is kept out of the book and of a public copy)")
+    expected_students = {student_path(s).name for s in sols}
+    for orphan in sorted(stu_folder.glob(f"*{STUDENT_SUFFIX}")):
+        if orphan.name not in expected_students:
+            problems.append(f"{orphan} has no solution notebook in {folder}")
+    private_names = ("/".join(_SOLUTION_PARTS), SOLUTION_SUFFIX)
+    for sol_path in sols:
         stu_path = student_path(sol_path)
         sol = nbformat.read(sol_path, as_version=4)
         try:
@@ -285,6 +365,10 @@ def check_assignments(folder: str | Path) -> list[str]:
             problems.append(f"{stu_path} is out of sync with {sol_path.name}: run "
                             f"`nclab make-student {sol_path}`")
         stu = nbformat.read(stu_path, as_version=4)
+        named = [n for n in private_names if any(n in c.source for c in stu.cells)]
+        if named:
+            problems.append(f"{stu_path} names the private solutions ({named}): students are not "
+                            "told where the solutions are")
         leaks = leaked_lines(sol, stu)
         if leaks:
             problems.append(f"{stu_path} contains solution code: {leaks[:3]}")

@@ -2,6 +2,9 @@
 
     nclab make-student [PATH ...] [--out FILE]   write <name>_student.ipynb from <name>_solution.ipynb
     nclab check-assignments [FOLDER]             exit 1 if a student version is stale or leaks code
+
+The solutions are in ``book/instructors/solutions/`` (private: not in the book, the wheel or a
+public copy); the student versions are written to ``book/assignments/``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 from . import assignments
 
-DEFAULT_FOLDER = Path("book") / "assignments"
+DEFAULT_FOLDER = assignments.SOLUTION_FOLDER
 
 
 def _solutions(paths: list[str]) -> list[Path]:
@@ -55,22 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     make = sub.add_parser(
         "make-student",
         help="write the student version of solution notebooks",
-        description="Write <name>_student.ipynb next to each <name>_solution.ipynb: cells tagged "
+        description="Write <book>/assignments/<name>_student.ipynb for each "
+                    "<book>/instructors/solutions/<name>_solution.ipynb: cells tagged "
                     "'solution' become stubs raising NotImplementedError with the '# HINT:' text, "
                     "tagged 'raises-exception'; outputs are stripped. The output is deterministic.")
     make.add_argument("paths", nargs="*", metavar="PATH",
                       help=f"solution notebooks or folders holding them (default {DEFAULT_FOLDER})")
     make.add_argument("--out", type=Path, default=None,
-                      help="output file (only with a single solution notebook)")
+                      help="output file <name>_student.ipynb, not in the solutions folder "
+                           "(only with a single solution notebook)")
     make.set_defaults(func=_make_student)
     check = sub.add_parser(
         "check-assignments",
         help="check that student versions are in sync and contain no solution code",
         description="Regenerate every student version in memory and compare byte for byte; check "
-                    "stub tags and that no solution body line appears in a student notebook. "
+                    "stub tags and that no solution body line appears in a student notebook, and "
+                    "that no solution notebook lies in the book outside the solutions folder. "
                     "Exits 1 on any problem.")
     check.add_argument("folder", nargs="?", type=Path, default=DEFAULT_FOLDER,
-                       help=f"folder of *_solution.ipynb notebooks (default {DEFAULT_FOLDER})")
+                       help=f"the solutions folder (default {DEFAULT_FOLDER})")
     check.set_defaults(func=_check)
     return parser
 

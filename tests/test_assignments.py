@@ -1,6 +1,11 @@
 """The assignments: student versions in sync with the solutions and free of solution code; solutions
 execute and score full marks; student versions execute with NotImplementedError as the only error
-and score zero. Also the generator's rules on small cells and the ``nclab`` command."""
+and score zero. The solutions stay private: only in book/instructors/solutions/, which the book and
+the wheel leave out and no student notebook names. Also the generator's rules on small cells and the
+``nclab`` command.
+
+A public copy of the course has no solutions folder: the tests that need the solutions are then
+skipped (with the reason) and the student notebooks are still executed and scored."""
 
 from __future__ import annotations
 
@@ -14,19 +19,64 @@ import pytest
 from nclab import assignments as A
 from nclab.cli import main
 
-FOLDER = Path(__file__).resolve().parents[1] / "book" / "assignments"
-SOLUTIONS = A.solution_paths(FOLDER)
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = ROOT / A.SOLUTION_FOLDER  # the instructors' solutions
+STUDENT_FOLDER = ROOT / A.STUDENT_FOLDER  # the published student versions
+HAVE_SOLUTIONS = FOLDER.is_dir()
+SOLUTIONS = A.solution_paths(FOLDER) if HAVE_SOLUTIONS else []
+STUDENTS = sorted(STUDENT_FOLDER.glob("*_student.ipynb"))
+needs_solutions = pytest.mark.skipif(
+    not HAVE_SOLUTIONS, reason=f"no {A.SOLUTION_FOLDER}/: a public copy without the solutions")
 SCORE = re.compile(r"^Assignment \d+: .*?: ([\d.]+) / ([\d.]+) points", re.M)
 
 
+def _course(tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the first solution in a fresh ``<book>/instructors/solutions`` under tmp_path."""
+    sols = tmp_path / "book" / "instructors" / "solutions"
+    sols.mkdir(parents=True)
+    (tmp_path / "book" / "assignments").mkdir()
+    copy_sol = sols / SOLUTIONS[0].name
+    copy_sol.write_bytes(SOLUTIONS[0].read_bytes())
+    return sols, copy_sol
+
+
+def test_three_student_notebooks_that_never_name_the_solutions():
+    assert len(STUDENTS) >= 3
+    for path in STUDENTS:
+        text = path.read_text(encoding="utf-8")
+        assert "_solution" not in text and "instructors/solutions" not in text, path
+
+
+def test_solutions_only_in_the_private_folder_and_left_out_of_book_and_wheel():
+    book = ROOT / "book"
+    stray = [p for p in book.rglob("*_solution*") if not p.is_relative_to(FOLDER)]
+    assert not stray, f"solution files outside {A.SOLUTION_FOLDER}: {stray}"
+    assert not list((ROOT / "nclab").rglob("*_solution*")), "a solution inside the package"
+    toc = (ROOT / "_toc.yml").read_text(encoding="utf-8")
+    assert "_solution" not in toc and "instructors/solutions" not in toc
+    for path in STUDENTS:
+        assert f"file: {path.relative_to(ROOT).with_suffix('').as_posix()}\n" in toc, path
+    link = re.compile(r"\]\([^)]*(_solution|instructors/solutions)|"
+                      r"\{(doc|download|nb-download|ref)\}`[^`]*(_solution|instructors/solutions)")
+    for page in book.rglob("*.md"):
+        assert not link.search(page.read_text(encoding="utf-8")), f"{page} links a solution"
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    assert {"book/instructors", "book/instructors/**", "**/*_solution.ipynb"} <= set(
+        config["exclude_patterns"])
+
+
+@needs_solutions
 def test_three_assignments_with_solution_cells():
     assert len(SOLUTIONS) >= 3
+    assert [A.student_path(s) for s in SOLUTIONS] == STUDENTS
     for path in SOLUTIONS:
         nb = nbformat.read(path, as_version=4)
         assert any(A.SOLUTION_TAG in c.metadata.get("tags", []) for c in nb.cells), path
         assert all(not c.get("outputs") for c in nb.cells), f"{path}: commit without outputs"
 
 
+@needs_solutions
 def test_student_versions_in_sync_and_clean(tmp_path):
     assert A.check_assignments(FOLDER) == []
     for sol in SOLUTIONS:
@@ -53,24 +103,75 @@ def test_student_versions_in_sync_and_clean(tmp_path):
                 assert twin.source == cell.source
 
 
+@needs_solutions
 def test_check_finds_stale_and_leaking_student(tmp_path):
-    sol = SOLUTIONS[0]
-    copy_sol = tmp_path / sol.name
-    copy_sol.write_bytes(sol.read_bytes())
-    assert any("missing" in p for p in A.check_assignments(tmp_path))
+    sols, copy_sol = _course(tmp_path)
+    assert any("missing" in p for p in A.check_assignments(sols))
     stu = A.make_student(copy_sol)
-    assert A.check_assignments(tmp_path) == []
+    assert stu == tmp_path / "book" / "assignments" / A.student_path(SOLUTIONS[0]).name
+    assert A.check_assignments(sols) == []
     nb = nbformat.read(stu, as_version=4)
     solution = nbformat.read(copy_sol, as_version=4)
     leaked = A.solution_body_lines(solution)[0]
     nb.cells[-1].source += "\n" + leaked
     stu.write_text(A.render(nb), encoding="utf-8")
-    problems = A.check_assignments(tmp_path)
+    problems = A.check_assignments(sols)
     assert any("out of sync" in p for p in problems)
     assert any("solution code" in p for p in problems)
-    assert main(["check-assignments", str(tmp_path)]) == 1
+    assert main(["check-assignments", str(sols)]) == 1
     assert main(["make-student", str(copy_sol)]) == 0
-    assert main(["check-assignments", str(tmp_path)]) == 0
+    assert main(["check-assignments", str(sols)]) == 0
+
+
+@needs_solutions
+def test_solutions_stay_in_their_folder_and_students_in_theirs(tmp_path, capsys):
+    sols, copy_sol = _course(tmp_path)
+    public = tmp_path / "book" / "assignments"
+    assert A.student_folder(sols) == public
+    assert A.student_folder(Path("book/instructors/solutions")) == Path("book/assignments")
+    assert A.student_path(copy_sol).parent == public
+    # a solution in the public folder (or anywhere else) is refused, not turned into a student
+    # version beside it
+    stray = public / copy_sol.name
+    stray.write_bytes(copy_sol.read_bytes())
+    with pytest.raises(ValueError, match="not a solutions folder"):
+        A.student_path(stray)
+    with pytest.raises(ValueError, match="not a solutions folder"):
+        A.make_student(stray)
+    with pytest.raises(ValueError, match="not a solutions folder"):
+        A.solution_paths(public)
+    assert main(["make-student", str(public)]) == 2
+    assert "not a solutions folder" in capsys.readouterr().err
+    # ... and reported by the check, like a solution anywhere else in the book
+    A.make_student(copy_sol)
+    (tmp_path / "book" / "extra_solution.ipynb").write_bytes(copy_sol.read_bytes())
+    problems = A.check_assignments(sols)
+    assert sum("outside" in p for p in problems) == 2, problems
+    stray.unlink()
+    (tmp_path / "book" / "extra_solution.ipynb").unlink()
+    # a student version is never written into the solutions folder or over a solution
+    for bad in (sols / A.student_path(copy_sol).name, copy_sol, sols / "sub" / "x_student.ipynb"):
+        with pytest.raises(ValueError):
+            A.make_student(copy_sol, bad)
+    assert not (sols / A.student_path(copy_sol).name).exists()
+    assert main(["make-student", str(copy_sol), "--out", str(sols / "x_student.ipynb")]) == 2
+    assert "not written into the solutions folder" in capsys.readouterr().err
+    # an orphan student version and one that names the solutions are reported
+    (public / "zz_student.ipynb").write_bytes(A.student_path(copy_sol).read_bytes())
+    assert any("has no solution notebook" in p for p in A.check_assignments(sols))
+    (public / "zz_student.ipynb").unlink()
+    nb = nbformat.read(copy_sol, as_version=4)
+    nb.cells[0].source += "\n\nSee the instructors/solutions folder."
+    copy_sol.write_text(A.render(nb), encoding="utf-8")
+    A.make_student(copy_sol)
+    assert any("names the private solutions" in p for p in A.check_assignments(sols))
+    # run from inside the solutions folder, '.' still maps to the students' folder
+    cwd = os.getcwd()
+    try:
+        os.chdir(sols)
+        assert A.student_path(copy_sol.name).resolve() == A.student_path(copy_sol).resolve()
+    finally:
+        os.chdir(cwd)
 
 
 def test_stub_rules():
@@ -118,6 +219,7 @@ def _score(nb) -> tuple[float, float]:
     return float(m.group(1)), float(m.group(2))
 
 
+@needs_solutions
 @pytest.mark.parametrize("sol", SOLUTIONS, ids=lambda p: p.stem)
 def test_solution_executes_with_full_marks(sol, monkeypatch):
     monkeypatch.setenv("NCLAB_PROFILE", "smoke")
@@ -129,12 +231,12 @@ def test_solution_executes_with_full_marks(sol, monkeypatch):
     assert max_points > 0 and points == max_points
 
 
-@pytest.mark.parametrize("sol", SOLUTIONS, ids=lambda p: p.stem)
-def test_student_executes_with_only_not_implemented_and_scores_zero(sol, monkeypatch):
+@pytest.mark.parametrize("student", STUDENTS, ids=lambda p: p.stem)
+def test_student_executes_with_only_not_implemented_and_scores_zero(student, monkeypatch):
     monkeypatch.setenv("NCLAB_PROFILE", "smoke")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb, errors = _execute(A.student_path(sol))
+    nb, errors = _execute(student)
     assert errors, "the stubs should raise"
     assert {o.ename for _, o in errors} == {"NotImplementedError"}
     assert all(A.STUB_TAG in c.metadata.get("tags", []) for c, _ in errors)
@@ -144,6 +246,7 @@ def test_student_executes_with_only_not_implemented_and_scores_zero(sol, monkeyp
         o.get("data", {}).get("text/plain", "") for o in nb.cells[-1].outputs)
 
 
+@needs_solutions
 def test_cli_help_and_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
