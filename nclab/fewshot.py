@@ -12,8 +12,12 @@ Backbones
     (32x32 CIFAR-FS or 84x84 miniImageNet) to embeddings ``(B, d)`` with ``d = model.num_features``.
 Splits
     CIFAR-FS (64/16/20 CIFAR-100 classes, all 600 images of a class), miniImageNet (64/16/20 wnids,
-    from a local folder) and a tiny offline split of scikit-learn's digits (meta-train 0-4, meta-test
-    5-9) for CPU runs. The class lists ship in ``nclab/resources``.
+    from a local folder), ``cifar10_fs`` (real CIFAR-10 images of the local mirror, meta-train on
+    airplane, automobile, bird, cat, deer, meta-test on dog, frog, horse, ship, truck: two vehicle
+    and three animal classes on each side; for CPU runs) and a tiny offline split of scikit-learn's
+    digits (meta-train 0-4, meta-test 5-9). ``fashion_mnist_fs`` is a cross-domain meta-test
+    only (all 10 Fashion-MNIST classes of the mirror) for encoders pre-trained on all of CIFAR-10.
+    The CIFAR-FS and miniImageNet class lists ship in ``nclab/resources``.
 Evaluation
     :func:`sample_episode`, :func:`evaluate` (images) and :func:`evaluate_embeddings` (features), which
     return a :class:`FewShotReport` (one :class:`FewShotResult` per shot setting).
@@ -48,6 +52,9 @@ __all__ = [
     "FEWSHOT_DATASETS",
     "split_classes",
     "cifar_fs",
+    "CIFAR10_FS_CLASSES",
+    "cifar10_fs",
+    "fashion_mnist_fs",
     "mini_imagenet",
     "digits_fs",
     "load_split",
@@ -212,7 +219,13 @@ def make_backbone(name: str, scale: float = 1.0, **kwargs) -> nn.Module:
 # =========================================================================== splits
 SPLITS = ("train", "val", "test")
 #: The few-shot datasets :func:`load_split` knows.
-FEWSHOT_DATASETS = ("cifar_fs", "miniimagenet", "digits_fs")
+FEWSHOT_DATASETS = ("cifar_fs", "miniimagenet", "cifar10_fs", "fashion_mnist_fs", "digits_fs")
+#: The fixed class split of ``cifar10_fs``: CIFAR-10 labels 0-4 for meta-train, 5-9 for meta-test,
+#: which puts two vehicle and three animal classes on each side (airplane, automobile | ship, truck).
+CIFAR10_FS_CLASSES: dict[str, tuple[str, ...]] = {
+    "train": ("airplane", "automobile", "bird", "cat", "deer"),
+    "test": ("dog", "frog", "horse", "ship", "truck"),
+}
 
 
 def _resource(name: str) -> str:
@@ -228,17 +241,23 @@ def split_classes(name: str, split: str) -> list[str]:
     """The class list of a standard split, in its fixed order (label ``k`` = ``classes[k]``).
 
     ``cifar_fs``: CIFAR-100 fine class names (64 train / 16 val / 20 test, Bertinetto et al. 2019);
-    ``miniimagenet``: ImageNet wnids (64 / 16 / 20, Ravi & Larochelle 2017)."""
+    ``miniimagenet``: ImageNet wnids (64 / 16 / 20, Ravi & Larochelle 2017); ``cifar10_fs``:
+    CIFAR-10 class names (5 train / 5 test, :data:`CIFAR10_FS_CLASSES`; no ``val``)."""
     _check_split(split)
+    if name == "cifar10_fs":
+        _check_split(split, tuple(CIFAR10_FS_CLASSES))
+        return list(CIFAR10_FS_CLASSES[split])
     if name == "cifar_fs":
         pairs = json.loads(_resource(f"cifar_fs_{split}.json"))
         return [fine for _superclass, fine in pairs]
     if name == "miniimagenet":
         return _resource(f"miniimagenet_{split}_wnids.txt").split()
-    raise ValueError(f"no class list for {name!r}; lists exist for cifar_fs and miniimagenet")
+    raise ValueError(f"no class list for {name!r}; lists exist for cifar_fs, miniimagenet and "
+                     "cifar10_fs")
 
 
-def _select(datasets: Sequence[TensorDataset], names: Sequence[str]) -> TensorDataset:
+def _select(datasets: Sequence[TensorDataset], names: Sequence[str],
+            hint: str = "is it CIFAR-100 (fine labels)?") -> TensorDataset:
     """The images of the classes ``names`` from every dataset, merged, labelled by position in
     ``names``."""
     xs, ys = [], []
@@ -247,7 +266,7 @@ def _select(datasets: Sequence[TensorDataset], names: Sequence[str]) -> TensorDa
         missing = [n for n in names if n not in index]
         if missing:
             raise ValueError(f"dataset lacks the classes {missing[:5]}{'...' if len(missing) > 5 else ''}"
-                             f" ({len(missing)} of {len(names)}); is it CIFAR-100 (fine labels)?")
+                             f" ({len(missing)} of {len(names)}); {hint}")
         lut = torch.full((len(ds.classes),), -1, dtype=torch.long)
         lut[torch.tensor([index[n] for n in names])] = torch.arange(len(names))
         new_y = lut[ds.y.cpu()]
@@ -275,6 +294,52 @@ def cifar_fs(
 
         cifar100 = [load("cifar100", "train", root=root), load("cifar100", "test", root=root)]
     return _select(list(cifar100), split_classes("cifar_fs", split))
+
+
+def cifar10_fs(
+    split: str,
+    cifar10: Sequence[TensorDataset] | None = None,
+    download: bool = True,
+) -> TensorDataset:
+    """A 5/5 few-shot split of the 3000 real CIFAR-10 images of the local mirror, 32x32 uint8.
+
+    The mirror's ``cifar10_2k`` train (2000) and test (1000) images are pooled, as CIFAR-FS pools
+    CIFAR-100's parts; ``train`` (meta-train) keeps the classes airplane, automobile, bird, cat,
+    deer (1490 images), ``test`` (meta-test) dog, frog, horse, ship, truck (1510 images, 269 to
+    319 per class), labelled ``0..4`` in that order (:data:`CIFAR10_FS_CLASSES`). There is no
+    ``val``. A 5-way episode on the meta-test split uses all five of its classes. ``cifar10``
+    may pass the datasets to pool (CIFAR-10 class names); by default
+    ``nclab.data.load("cifar10_2k", "train"/"test")``, which raises
+    :class:`nclab.data.DatasetUnavailableError` when the mirror is missing."""
+    names = split_classes("cifar10_fs", split)
+    if cifar10 is None:
+        from .data import load
+
+        cifar10 = [load("cifar10_2k", "train", download=download),
+                   load("cifar10_2k", "test", download=download)]
+    return _select(list(cifar10), names, hint="is it CIFAR-10 (class names)?")
+
+
+def fashion_mnist_fs(
+    split: str = "test",
+    fashion: Sequence[TensorDataset] | None = None,
+    image_size: int = 32,
+    download: bool = True,
+) -> TensorDataset:
+    """A cross-domain meta-test split: the 2000 real Fashion-MNIST images of the local mirror (its
+    1400 train + 600 test images pooled, 188 to 219 per class), all 10 classes, grey as 3 channels at
+    ``image_size`` px. Only ``split="test"`` exists: it is meant for encoders pre-trained on other
+    data (e.g. the CIFAR-10 ResNets of :func:`nclab.models.load_backbone`, which saw every CIFAR-10
+    class, so no CIFAR-10 class is unseen by them). ``fashion`` may pass the datasets to pool; by
+    default ``nclab.data.load("fashion_mnist_2k", "train"/"test", image_size=image_size)``."""
+    _check_split(split, ("test",))
+    if fashion is None:
+        from .data import load
+
+        fashion = [load("fashion_mnist_2k", part, image_size=image_size, download=download)
+                   for part in ("train", "test")]
+    names = list(fashion[0].classes)
+    return _select(list(fashion), names, hint="is it Fashion-MNIST (class names)?")
 
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".JPEG", ".JPG", ".PNG"}
@@ -337,10 +402,17 @@ def digits_fs(split: str, meta_train: Sequence[int] = (0, 1, 2, 3, 4), size: int
 
 
 def load_split(name: str, split: str, root: str | Path | None = None, **kwargs) -> TensorDataset:
-    """A few-shot split by dataset name (:data:`FEWSHOT_DATASETS`): ``cifar_fs``, ``miniimagenet``
-    or ``digits_fs``; ``split`` is ``train`` (meta-train), ``val`` or ``test`` (meta-test)."""
+    """A few-shot split by dataset name (:data:`FEWSHOT_DATASETS`): ``cifar_fs``, ``miniimagenet``,
+    ``cifar10_fs`` or ``digits_fs``; ``split`` is ``train`` (meta-train), ``val`` or ``test``
+    (meta-test); ``cifar10_fs`` and ``digits_fs`` have no ``val``, ``fashion_mnist_fs`` only
+    ``test``. ``cifar10_fs`` and ``fashion_mnist_fs`` read the local mirror (``root`` does not
+    apply to them)."""
     if name == "cifar_fs":
         return cifar_fs(split, root=root, **kwargs)
+    if name == "cifar10_fs":
+        return cifar10_fs(split, **kwargs)
+    if name == "fashion_mnist_fs":
+        return fashion_mnist_fs(split, **kwargs)
     if name == "miniimagenet":
         return mini_imagenet(split, root=root, **kwargs)
     if name == "digits_fs":

@@ -165,6 +165,64 @@ def test_mini_imagenet_reads_a_folder_and_names_what_is_missing(tmp_path):
                                                  progress=False, image_size=32).x[0, 0]) == 32
 
 
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def fake_cifar10(per_class: int, offset: int) -> TensorDataset:
+    """A fake mirror part: CIFAR-10 class names, pixel value = original label + offset."""
+    y = torch.arange(10).repeat_interleave(per_class)
+    x = (y + offset).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 32, 32).contiguous()
+    return TensorDataset(x, y, CIFAR10)
+
+
+def test_cifar10_fs_pools_both_parts_and_splits_five_unseen_classes():
+    parts = [fake_cifar10(4, 0), fake_cifar10(2, 100)]  # "2000 train + 1000 test" in miniature
+    tr, te = (fs.cifar10_fs(s, cifar10=parts) for s in ("train", "test"))
+    assert tr.classes == CIFAR10[:5] == fs.split_classes("cifar10_fs", "train")
+    assert te.classes == CIFAR10[5:] == fs.split_classes("cifar10_fs", "test")
+    assert not set(tr.classes) & set(te.classes)
+    vehicles = {"airplane", "automobile", "ship", "truck"}
+    assert len(vehicles & set(tr.classes)) == len(vehicles & set(te.classes)) == 2  # mixed sides
+    for ds, first in ((tr, 0), (te, 5)):
+        assert ds.x.shape == (30, 3, 32, 32) and ds.x.dtype == torch.uint8
+        assert torch.equal(torch.bincount(ds.y, minlength=5), torch.full((5,), 6))
+        pix = ds.x[:, 0, 0, 0].long()
+        original = ds.y + first
+        assert torch.all((pix == original) | (pix == original + 100))  # right class, both parts
+        assert int((pix >= 100).sum()) == 10
+    with pytest.raises(ValueError, match="valid splits"):
+        fs.cifar10_fs("val", cifar10=parts)
+    bad = TensorDataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
+    with pytest.raises(ValueError, match="CIFAR-10"):
+        fs.cifar10_fs("test", cifar10=[bad])
+
+
+def test_fashion_mnist_fs_is_a_ten_class_meta_test_only():
+    names = [f"c{k}" for k in range(10)]
+    parts = [TensorDataset(torch.zeros(n, 3, 32, 32, dtype=torch.uint8),
+                           torch.arange(10).repeat_interleave(n // 10), names) for n in (30, 20)]
+    ds = fs.fashion_mnist_fs("test", fashion=parts)
+    assert ds.classes == names and len(ds) == 50
+    assert torch.equal(torch.bincount(ds.y), torch.full((10,), 5))
+    with pytest.raises(ValueError, match="valid splits"):
+        fs.fashion_mnist_fs("train", fashion=parts)
+
+
+def _mirror_has(name: str) -> bool:
+    from nclab import mirror
+
+    return mirror.is_available(name)
+
+
+@pytest.mark.skipif(not _mirror_has("cifar10_2k"),
+                    reason="the cifar10_2k mirror is absent (set NCLAB_DATA to a mirror copy)")
+def test_cifar10_fs_on_the_real_mirror():
+    tr, te = fs.load_split("cifar10_fs", "train"), fs.load_split("cifar10_fs", "test")
+    assert len(tr) + len(te) == 3000 and (len(tr), len(te)) == (1490, 1510)
+    assert torch.bincount(te.y).min() >= 20  # enough for 5-shot + 15 queries per class
+    assert "cifar10_fs" in fs.FEWSHOT_DATASETS
+
+
 def test_digits_fs_splits_the_ten_digits():
     tr, te = fs.digits_fs("train"), fs.digits_fs("test")
     assert tr.classes == ["0", "1", "2", "3", "4"] and te.classes == ["5", "6", "7", "8", "9"]
