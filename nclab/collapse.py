@@ -11,11 +11,14 @@
 * :func:`train_terminal_phase` - a small network trained past zero training error, with the NC
   metrics of its penultimate features on train and test data every epoch and, at the end, NC1 of
   every block (progressive collapse across depth).
+* :func:`layerwise_nc1` - NC1 and CDNV of every block of a (trained or pre-trained) backbone on
+  several splits (e.g. the training images and held-out test images), optionally on seeded,
+  equally sized class-balanced subsets so that the splits are compared at the same sample size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -25,7 +28,8 @@ from torch import nn
 
 from . import metrics
 
-__all__ = ["UFMResult", "train_ufm", "Classifier", "TerminalPhaseResult", "train_terminal_phase"]
+__all__ = ["UFMResult", "train_ufm", "Classifier", "TerminalPhaseResult", "train_terminal_phase",
+           "layerwise_nc1"]
 
 
 @dataclass
@@ -215,3 +219,58 @@ def train_terminal_phase(
                                "nc1": rep["nc1"]})
     model.eval()
     return TerminalPhaseResult(pd.DataFrame(rows), pd.DataFrame(layer_rows), model)
+
+
+def layerwise_nc1(
+    backbone: nn.Module,
+    splits: Mapping[str, object],
+    layers: Sequence[str] | None = None,
+    *,
+    per_class: int | None = None,
+    seeds: Sequence[int] = (0,),
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> pd.DataFrame:
+    """NC1 and CDNV of the average-pooled output of every block of ``backbone`` on each split.
+
+    ``splits`` maps a split name (``"train"``, ``"test"``) to a :class:`nclab.data.TensorDataset`;
+    ``layers`` are qualified module names (default: every block, :func:`nclab.models.blocks`, whose
+    last entry is the penultimate feature map for the ResNets and ConvNets of nclab). With
+    ``per_class`` every split is replaced, for each seed in ``seeds``, by a class-balanced subset of
+    exactly ``per_class`` images per class (:func:`nclab.data.subset_per_class`), so all splits are
+    measured at the same sample size: the plug-in NC1,
+    ``(1/K) tr(Sigma_W Sigma_B^+)``, estimates ``Sigma_B`` from class means that carry a noise of
+    order ``Sigma_W / n_k``, so fewer samples per class give a smaller NC1 when the true
+    between-class spread is small. Without ``per_class`` the whole splits are used once (``seed``
+    is then -1).
+
+    Returns one row per (seed, split, layer): ``seed, split, depth`` (1-based block index),
+    ``layer, stage`` (the name without its last component, e.g. ``layer2``), ``n`` (images),
+    ``nc1, cdnv``.
+    """
+    from .data import batches, subset_per_class
+    from .features import extract
+    from .models import blocks
+
+    if not splits:
+        raise ValueError("splits is empty: pass e.g. {'train': train_ds, 'test': test_ds}")
+    names = list(layers) if layers is not None else [n for n, _ in blocks(backbone)]
+    if not names:
+        raise ValueError("no layers to measure")
+    if device is not None:
+        dev = torch.device(device)
+    else:
+        param = next(iter(backbone.parameters()), None)
+        dev = param.device if param is not None else torch.device("cpu")
+    k = max(int(ds.num_classes) for ds in splits.values())
+    rows = []
+    for seed in (seeds if per_class is not None else (-1,)):
+        for split, ds in splits.items():
+            data = subset_per_class(ds, per_class, seed=seed) if per_class is not None else ds
+            stats = extract(backbone, batches(data, batch_size, device=dev), names,
+                            num_classes=k, device=dev, amp=False, progress=False)
+            for depth, name in enumerate(names, start=1):
+                rows.append({"seed": seed, "split": split, "depth": depth, "layer": name,
+                             "stage": name.rsplit(".", 1)[0], "n": len(data),
+                             "nc1": metrics.nc1(stats[name]), "cdnv": metrics.cdnv(stats[name])})
+    return pd.DataFrame(rows)

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 import nclab  # noqa: E402
 from nclab import metrics, plots, widgets  # noqa: E402
-from nclab.collapse import train_terminal_phase, train_ufm  # noqa: E402
+from nclab.collapse import layerwise_nc1, train_terminal_phase, train_ufm  # noqa: E402
 
 
 def test_ufm_collapses_and_records_history():
@@ -60,3 +60,30 @@ def test_explorer_static_fallback_and_figures():
     with pytest.raises(ValueError):
         plots.simplex_etf_figure((5,))
     plt.close("all")
+
+
+def test_layerwise_nc1_rows_values_and_subsets():
+    torch.manual_seed(0)
+    ds = nclab.data.synthetic_images(num_classes=3, per_class=10, size=16, seed=0)
+    other = nclab.data.synthetic_images(num_classes=3, per_class=6, size=16, seed=1)
+    backbone = nclab.models.ConvNetS(width=4, depth=3).eval()
+    names = [n for n, _ in nclab.models.blocks(backbone)]
+    df = layerwise_nc1(backbone, {"train": ds, "test": other}, per_class=5, seeds=(0, 1))
+    assert len(df) == 2 * 2 * len(names)
+    assert list(df.columns) == ["seed", "split", "depth", "layer", "stage", "n", "nc1", "cdnv"]
+    assert set(df.n) == {15} and set(df.stage) == {"features"}
+    assert df[df.seed == 0].depth.max() == len(names)
+    # a row is the NC1 of that block's pooled features on the seeded subset
+    sub = nclab.data.subset_per_class(ds, 5, seed=1)
+    feats, y = nclab.features.extract(backbone, nclab.data.batches(sub), names,
+                                      return_features=True, progress=False)
+    row = df[(df.seed == 1) & (df.split == "train") & (df.layer == names[1])].iloc[0]
+    assert row.nc1 == pytest.approx(metrics.nc1(feats[names[1]], y), rel=1e-6)
+    assert row.cdnv == pytest.approx(metrics.cdnv(feats[names[1]], y), rel=1e-6)
+    # without per_class: whole splits, once, seed -1
+    full = layerwise_nc1(backbone, {"train": ds}, layers=[names[0]])
+    assert list(full.seed) == [-1] and list(full.n) == [30]
+    with pytest.raises(ValueError):
+        layerwise_nc1(backbone, {})
+    with pytest.raises(ValueError):
+        layerwise_nc1(backbone, {"train": other}, per_class=7)  # classes hold only 6
