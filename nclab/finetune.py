@@ -481,15 +481,24 @@ class Suffix(_Prepared):
         return self.head(self.features(z))
 
 
+class _ChannelMean(nn.Module):
+    """``(B, C, H, W) -> (B, C)``: the spatial mean, Layer LP's pooling of a CNN block output."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z.mean(dim=(2, 3), dtype=torch.float32)
+
+
 def split(model: FineTuned) -> tuple[nn.Module, nn.Module]:
     """``(prefix, suffix)`` with ``suffix(prefix(x)) == model(x)`` (exactly, in eval mode), for
     computing the frozen prefix's output once and training only the suffix.
 
     ``linear``/``mlp``: prefix = the whole backbone, suffix = the head. ``layer``/``scl``/
     ``layer_lora``: prefix = everything before Block k (no trainable parameter), suffix =
-    a ``Suffix`` module (Block k, the rest of the backbone, the SCL skip, the head). ``full`` has no
-    frozen prefix: ``ValueError``. Every supported family splits (ResNet, DenseNet, MobileNetV2,
-    GoogLeNet, timm ViT, open_clip ViT, the small nets).
+    a ``Suffix`` module (Block k, the rest of the backbone, the SCL skip, the head). Several tuned
+    blocks (:func:`nclab.train.tune_blocks`): the cut is before the first of them. Layer LP
+    (:func:`nclab.train.layer_lp`, CNN backbones): suffix = Block k, its channel mean, the head.
+    ``full`` has no frozen prefix: ``ValueError``. Every supported family splits (ResNet,
+    DenseNet, MobileNetV2, GoogLeNet, timm ViT, open_clip ViT, the small nets).
 
     Caching is exact only while the prefix runs in eval mode: with the paper's default, the frozen
     prefix's BatchNorm layers would use batch statistics during training (and update running
@@ -500,24 +509,35 @@ def split(model: FineTuned) -> tuple[nn.Module, nn.Module]:
     if model.method == "full":
         raise ValueError("method 'full' trains every parameter, so there is no frozen prefix to "
                          "cache; split() applies to linear, mlp, layer, scl and layer_lora")
-    if model.method in ("linear", "mlp"):
+    tuned = tuple(getattr(model, "tuned_blocks", None) or ())
+    if model.method in ("linear", "mlp") and not tuned:
         return model.backbone, model.head
+    from nclab.train import Truncated  # here: nclab.train imports this module
+
+    truncated = isinstance(model.backbone, Truncated)  # Layer LP: the layers after Block k dropped
+    net = model.backbone.backbone if truncated else model.backbone
+    if truncated and family(net) not in _CNN:
+        raise ValueError(f"split() of a Layer LP model supports CNN backbones, not {family(net)}")
+    cut = blocks(net)[min(tuned) - 1][0] if tuned else model.block_name
     try:
-        steps = _steps(model.backbone)
+        steps = _steps(net)
     except TypeError as err:  # pragma: no cover - every family prepare() accepts has steps
         raise ValueError(f"split() does not support this backbone: {err}") from err
     names = [n for n, _ in steps]
-    if model.block_name not in names:
-        raise ValueError(f"split() cannot find the tuned block {model.block_name!r} in this "
-                         f"{family(model.backbone)} backbone's forward")
-    i = names.index(model.block_name)
+    if cut is None or cut not in names:
+        raise ValueError(f"split() cannot find the tuned block {cut!r} in this "
+                         f"{family(net)} backbone's forward")
+    i = names.index(cut)
     prefix = nn.Sequential(*[s for _, s in steps[:i]])
     if any(p.requires_grad for p in prefix.parameters()):
         raise ValueError("the prefix before the tuned block has trainable parameters; split() "
                          "needs them frozen")
-    suffix = Suffix(steps[i][1], nn.Sequential(*[s for _, s in steps[i + 1:]]), model.skip,
+    after = [] if truncated else steps[i + 1:]
+    rest = nn.Sequential(_ChannelMean()) if truncated else nn.Sequential(*[s for _, s in after])
+    suffix = Suffix(steps[i][1], rest, model.skip,
                     model.head, freeze_norm=model.freeze_norm,
-                    frozen_after=[s for n, s in steps[i + 1:] if n is not None],
+                    frozen_after=[s for n, s in after if n is not None
+                                  and not any(p.requires_grad for p in s.parameters())],
                     recompute_frozen=model.recompute_frozen)
     suffix.train(model.training)
     prefix.train(model.training)

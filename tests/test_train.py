@@ -381,6 +381,46 @@ def test_cached_prefix_with_finetune_split(method):
     assert h_cached.final["nc1"] == pytest.approx(h_plain.final["nc1"], rel=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["layer_lp", "blocks"])
+@pytest.mark.parametrize("arch", ["convnet_s", "resnet_s"])
+def test_split_and_cached_prefix_for_layer_lp_and_tune_blocks(kind, arch):
+    from nclab.finetune import split
+    from nclab.models import load_backbone
+
+    torch.manual_seed(0)
+    bb = _backbone() if arch == "convnet_s" else load_backbone("resnet20", pretrained=False)
+
+    def make():
+        torch.manual_seed(1)
+        return T.layer_lp(bb, 2, num_classes=3) if kind == "layer_lp" else \
+            T.tune_blocks(bb, [2, 3], num_classes=3)
+
+    m = make().eval()
+    prefix, suffix = split(m)
+    assert not any(p.requires_grad for p in prefix.parameters())
+    trainable = {id(p) for p in m.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in suffix.parameters() if p.requires_grad}
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(suffix(prefix(x)), m(x))
+    train, test = _data(seed=0), _data(per_class=6, seed=1)
+    kw = dict(epochs=2, lr=0.05, weight_decay=1e-4, batch_size=12, progress=False)
+    a, b = make(), make()
+    h_cached = T.fit(a, train, test, cache_prefix=True, **kw)
+    h_plain = T.fit(b, train, test, frozen_prefix_stats=True, **kw)
+    for (name, u), v in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=name)
+    assert h_cached.final["nc1"] == pytest.approx(h_plain.final["nc1"], rel=1e-4)
+
+
+def test_split_of_tune_blocks_without_blocks_is_linear():
+    from nclab.finetune import split
+
+    m = T.tune_blocks(_backbone(), [], num_classes=3)
+    prefix, suffix = split(m)
+    assert prefix is m.backbone and suffix is m.head
+
+
 def test_layer_lp_drops_later_layers():
     bb = _backbone()
     model = T.layer_lp(bb, 2, num_classes=3)
