@@ -841,6 +841,12 @@ def _tiny_convnet() -> nn.Module:
     return ConvNetS(width=16, depth=3)
 
 
+def _small_convnet() -> nn.Module:
+    from .models import ConvNetS
+
+    return ConvNetS(width=16, depth=4)
+
+
 @dataclass
 class SourceStudy:
     """Everything the chapter "Source collapse" runs, sized by a profile (see :func:`source_study`).
@@ -848,7 +854,7 @@ class SourceStudy:
     ``augmentation`` holds the Fig. 1 / Fig. 10 configurations (augmentation levels 1-5 for every
     seed in ``seeds``, then PGD adversarial training at level 3 for each attack size, first seed);
     ``losses`` the Fig. 11 / App. B ones (CE and MSE with 0-3 head layers, SupCon with 1-3; ``smoke``
-    trims MSE to 0 and 3) for every seed, all at augmentation level 3. ``run(configs)`` calls
+    and ``real`` trim MSE to 0 and 3) for every seed, all at augmentation level 3. ``run(configs)`` calls
     :func:`run_study` with this study's data and sizes.
     """
 
@@ -893,13 +899,22 @@ class SourceStudy:
 # SupCon with a linear or MLP head)
 _HEADS = {"ce": (0, 1, 2, 3), "mse": (0, 1, 2, 3), "supcon": (1, 2, 3)}
 
-#: Sizes per profile that the profile itself does not carry (``smoke`` trims the grid to fit CPU
-#: minutes: three attack sizes and MSE heads 0 and 3 only).
+#: Sizes per profile that the profile itself does not carry (``smoke`` and ``real`` trim the grid
+#: to fit CPU minutes: three attack sizes and MSE heads 0 and 3 only). ``real`` splits the classes
+#: of its source (real CIFAR-10, 32 px) into a source half and a downstream half
+#: (``split_source``), trains for ``epochs`` instead of the profile's ``pretrain_epochs`` and
+#: probes the datasets ``extra`` as further downstream tasks (Fashion-MNIST only: the profile's
+#: digits are left out, their 90-95 % probe accuracies say little and cost CPU time).
 _STUDY_SIZES: dict[str, dict] = {
     "smoke": dict(backbone=_tiny_convnet, backbone_name="ConvNetS(width=16, depth=3)",
                   image_size=16, lr=0.05, weight_decay=5e-4, batch_size=64, pgd_steps=2,
                   adversarial_eps=(1, 3, 8), adv_seeds=1, probe_max_iter=100,
                   heads={"ce": (0, 1, 2, 3), "mse": (0, 3), "supcon": (1, 2, 3)}),
+    "real": dict(backbone=_small_convnet, backbone_name="ConvNetS(width=16, depth=4)",
+                 split_source=True, extra=("fashion_mnist_2k",), epochs=10, lr=0.05,
+                 weight_decay=5e-4, batch_size=64,
+                 pgd_steps=2, adversarial_eps=(1, 3, 8), adv_seeds=1, probe_max_iter=100,
+                 heads={"ce": (0, 1, 2, 3), "mse": (0, 3), "supcon": (1, 2, 3)}),
     "course": dict(backbone=cifar_resnet18, backbone_name="CIFAR ResNet-18",
                    lr=0.1, weight_decay=5e-4, batch_size=256, pgd_steps=3,
                    adversarial_eps=(1, 2, 3, 5, 8), adv_seeds=1),
@@ -948,7 +963,12 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
     Source = ``profile.source``, downstream = ``profile.downstream[0]``; when they are the same
     dataset (``smoke``: digits) its classes are split, the first half the source task and the
     second half the downstream task. ``smoke`` trains a small ConvNet on digits 0-4 (at 16 px, to
-    fit CPU time) and transfers to 5-9; ``course``/``paper`` train a CIFAR ResNet-18 on CIFAR-100
+    fit CPU time) and transfers to 5-9; ``real`` always splits its source the same way: a ConvNet
+    (:class:`nclab.models.ConvNetS` ``(16, 4)``) is pre-trained for a few epochs on the real
+    CIFAR-10 images (``cifar10_2k``, 32 px) of classes 0-4 (airplane, automobile, bird, cat,
+    deer) and transferred to classes 5-9 (dog, frog, horse, ship, truck), with linear transfer
+    also measured on Fashion-MNIST (``fashion_mnist_2k`` at 32 px, the first dataset of
+    ``profile.downstream``) in ``extra_transfer``; ``course``/``paper`` train a CIFAR ResNet-18 on CIFAR-100
     and transfer to CIFAR-10 (training images per class capped at ``profile.max_train_per_class``);
     they also probe the other ``profile.downstream`` datasets at the source resolution
     (``extra_transfer``; any that cannot be loaded are skipped with a warning).
@@ -961,7 +981,8 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
     down_name = prof.downstream[0]
     size = sizes.get("image_size")
     src_train = load(prof.source, "train", root=root, image_size=size)
-    if down_name == prof.source:
+    split = sizes.get("split_source", False)
+    if split or down_name == prof.source:
         k = src_train.num_classes
         first, second = list(range(k // 2)), list(range(k // 2, k))
         source = class_subset(src_train, first)
@@ -975,8 +996,13 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
         if not isinstance(ds, TensorDataset):
             raise ValueError(f"the source study needs fixed-size image datasets; got {ds!r}")
     d_train = _cap_per_class(d_train, prof.max_train_per_class)
-    extra = {} if down_name == prof.source else _extra_transfer(
-        prof.downstream[1:], root, size or source.x.shape[-1], prof.max_train_per_class)
+    if split:  # the downstream task is the source's other half; further datasets are extra
+        extra_names: Sequence[str] = [n for n in sizes.get("extra", prof.downstream)
+                                      if n != prof.source]
+    else:
+        extra_names = [] if down_name == prof.source else prof.downstream[1:]
+    extra = _extra_transfer(extra_names, root, size or source.x.shape[-1],
+                            prof.max_train_per_class) if extra_names else {}
     seeds = tuple(prof.seeds)
     aug = [dict(group="augmentation", aug_level=lvl, seed=s) for s in seeds for lvl in AUG_LEVELS]
     aug += [dict(group="adversarial", aug_level=3, adversarial_eps=e, seed=s)
@@ -987,7 +1013,8 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
     return SourceStudy(
         profile=prof.name, source=source, downstream_train=d_train, downstream_test=d_test,
         backbone=sizes["backbone"], backbone_name=sizes["backbone_name"],
-        epochs=prof.pretrain_epochs, seeds=seeds, probe_max_iter=sizes.get("probe_max_iter", 300),
+        epochs=sizes.get("epochs", prof.pretrain_epochs), seeds=seeds,
+        probe_max_iter=sizes.get("probe_max_iter", 300),
         pretrain_kwargs=dict(lr=sizes["lr"], weight_decay=sizes["weight_decay"],
                              batch_size=sizes["batch_size"], pgd_steps=sizes["pgd_steps"]),
         extra_transfer=extra, augmentation=aug, losses=losses)

@@ -640,3 +640,60 @@ def test_course_source_study_runs_on_fake_cifar(monkeypatch):
     for name in st.extra_transfer:
         assert df[f"transfer_acc_{name}"].between(0, 1).all()
     assert set(df["group"]) == {"augmentation", "adversarial", "loss"}
+
+
+def _fake_real_load(name, split="train", root=None, image_size=None, **kwargs):
+    """Random 32-px stand-ins for the mirror's CIFAR-10 (10 classes) and Fashion-MNIST."""
+    n = 40 if name == "cifar10_2k" else 20
+    g = torch.Generator().manual_seed(len(name) * 10 + len(split))
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return TensorDataset(x, torch.arange(n) % 10, [f"{name}-{i}" for i in range(10)])
+
+
+def test_real_source_study_splits_cifar10_classes(monkeypatch):
+    import nclab.data
+
+    loaded = []
+
+    def load(name, split="train", **kwargs):
+        loaded.append(name)
+        return _fake_real_load(name, split, **kwargs)
+
+    monkeypatch.setattr(nclab.data, "load", load)
+    st = P.source_study("real")
+    assert st.profile == "real" and st.backbone_name == "ConvNetS(width=16, depth=4)"
+    assert st.epochs == 10 and st.seeds == (0, 1, 2)
+    # classes 0-4 are the source task, 5-9 the downstream task (train and test)
+    assert st.source.classes == [f"cifar10_2k-{i}" for i in range(5)]
+    assert st.downstream_train.classes == [f"cifar10_2k-{i}" for i in range(5, 10)]
+    assert st.downstream_test.classes == st.downstream_train.classes
+    assert len(st.downstream_test) == 20  # 40 fake test images, half of them in classes 5-9
+    assert set(st.extra_transfer) == {"fashion_mnist_2k"} and "digits" not in loaded
+    assert {c["adversarial_eps"] for c in st.augmentation if "adversarial_eps" in c} == {1, 3, 8}
+    pairs = {(c["loss"], c["proj_head_layers"]) for c in st.losses}
+    assert pairs == {("ce", n) for n in range(4)} | {("mse", 0), ("mse", 3)} | {
+        ("supcon", n) for n in (1, 2, 3)}
+    assert len(st.augmentation) == 18 and len(st.losses) == 27
+    net = st.backbone()
+    assert net.num_features == 32 and net(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
+    df = st.run([st.losses[-1]], epochs=1, device="cpu", progress=False)
+    assert df["transfer_acc_fashion_mnist_2k"].between(0, 1).all()
+    assert df[list(P.STUDY_COLUMNS)].notna().all().all()
+
+
+def _mirror_has(*names: str) -> bool:
+    from nclab import mirror
+
+    return all(mirror.is_available(n) for n in names)
+
+
+@pytest.mark.skipif(not _mirror_has("cifar10_2k", "fashion_mnist_2k"),
+                    reason="needs the local mirror (NCLAB_DATA) with cifar10_2k and fashion_mnist_2k")
+def test_real_source_study_on_the_mirror():
+    st = P.source_study("real")
+    assert st.source.x.shape[1:] == (3, 32, 32) and st.source.num_classes == 5
+    assert len(st.source) + len(st.downstream_train) == 2000
+    assert st.source.classes == ["airplane", "automobile", "bird", "cat", "deer"]
+    assert st.downstream_train.classes == ["dog", "frog", "horse", "ship", "truck"]
+    fm_train, fm_test = st.extra_transfer["fashion_mnist_2k"]
+    assert fm_train.x.shape[1:] == (3, 32, 32) and len(fm_train) + len(fm_test) == 2000
