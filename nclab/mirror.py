@@ -25,7 +25,6 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import tempfile
 import urllib.request
 import zipfile
@@ -36,6 +35,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from .data import _reachable  # one TCP reachability check for every download
 from .runtime import data_dir
 
 __all__ = [
@@ -200,16 +200,6 @@ MIRROR: dict[str, MirrorFile] = {
 def _offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
                for v in ("NCLAB_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
