@@ -582,7 +582,7 @@ def load_backbone(name: str, pretrained: bool | str = True,
     - ``resnet20``/``32``/``44``/``56``: the CIFAR-10 ResNets of He et al. (2016) with real
       CIFAR-10-trained weights from the local mirror (:mod:`nclab.mirror`, verified by SHA-256,
       downloaded from akamaster/pytorch_resnet_cifar10 when online); inputs 32 px, normalised
-      with :data:`nclab.data.IMAGENET_MEAN`/``STD`` as :func:`nclab.data.batches` does.
+      with ``nclab.data.IMAGENET_MEAN``/``IMAGENET_STD`` as :func:`nclab.data.batches` does.
     - ``convnet_s``/``resnet_s`` have no downloadable weights: pre-train them with
       :func:`nclab.pretrain.pretrain`, or pass ``weights=``.
     """
