@@ -207,6 +207,16 @@ def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
         shutil.copyfileobj(r, f)
 
 
+#: Files verified in this process: path -> (size, mtime_ns) when it was hashed. A file changed on
+#: disk since then (other size or time) is hashed again; an unchanged one is not re-read.
+_VERIFIED: dict[Path, tuple[int, int]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 def _verify(spec: MirrorFile, path: Path) -> None:
     got = file_sha256(path)
     if got == spec.sha256:
@@ -250,7 +260,9 @@ def fetch(name: str, download: bool = True) -> Path:
     spec = MIRROR[name]
     path = spec.local_path()
     if path.is_file():
-        _verify(spec, path)
+        if _VERIFIED.get(path) != _stamp(path):
+            _verify(spec, path)
+            _VERIFIED[path] = _stamp(path)
         return path
     if not download:
         raise MirrorFileMissing(_missing_message(name, spec, "download=False"))
@@ -278,27 +290,23 @@ def fetch(name: str, download: bool = True) -> Path:
     return path
 
 
-def is_available(name: str) -> bool:
-    """Whether mirror file ``name`` is on disk with the expected hash (never downloads)."""
+def _state(name: str) -> str:
+    """``ok``, ``missing`` or ``bad hash`` for mirror file ``name`` (never downloads)."""
     try:
         fetch(name, download=False)
-    except (MirrorFileMissing, MirrorHashMismatch):
-        return False
-    return True
+    except MirrorFileMissing:
+        return "missing"
+    except MirrorHashMismatch:
+        return "bad hash"
+    return "ok"
+
+
+def is_available(name: str) -> bool:
+    """Whether mirror file ``name`` is on disk with the expected hash (never downloads)."""
+    return _state(name) == "ok"
 
 
 def status() -> list[dict[str, str]]:
     """One row per mirror file: name, kind, local path, and ``ok`` / ``missing`` / ``bad hash``."""
-    rows = []
-    for name, spec in MIRROR.items():
-        try:
-            fetch(name, download=False)
-            state = "ok"
-        except MirrorFileMissing:
-            state = "missing"
-        except MirrorHashMismatch:
-            state = "bad hash"
-        rows.append({"name": name, "kind": spec.kind, "path": str(spec.local_path()),
-                     "state": state})
-    return rows
-
+    return [{"name": name, "kind": spec.kind, "path": str(spec.local_path()), "state": _state(name)}
+            for name, spec in MIRROR.items()]

@@ -104,6 +104,20 @@ def test_wrong_hash_is_never_used(roots, monkeypatch):
     assert [r["state"] for r in mirror.status() if r["name"] == "bad"] == ["bad hash"]
 
 
+def test_verified_file_is_hashed_once_and_rechecked_when_it_changes(roots, monkeypatch):
+    spec = _fake(monkeypatch, "memo", b"published bytes")
+    spec.local_path().parent.mkdir(parents=True)
+    spec.local_path().write_bytes(b"published bytes")
+    calls = []
+    real = mirror.file_sha256
+    monkeypatch.setattr(mirror, "file_sha256", lambda p: calls.append(p) or real(p))
+    assert mirror.fetch("memo") == mirror.fetch("memo") == spec.local_path()
+    assert len(calls) == 1, "an unchanged, verified file is not read again"
+    spec.local_path().write_bytes(b"tampered after the check")
+    with pytest.raises(mirror.MirrorHashMismatch):
+        mirror.fetch("memo")
+
+
 def test_download_verifies_before_it_lands(roots, monkeypatch):
     served = {"payload": b"weights v1"}
     spec = _fake(monkeypatch, "dl", b"weights v1")
