@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from nclab.features import pool_tap
 from nclab.models import (
     _block_width,
     _resolve_block,
@@ -481,11 +482,12 @@ class Suffix(_Prepared):
         return self.head(self.features(z))
 
 
-class _ChannelMean(nn.Module):
-    """``(B, C, H, W) -> (B, C)``: the spatial mean, Layer LP's pooling of a CNN block output."""
+class _PoolTap(nn.Module):
+    """Layer LP's pooling of Block k's output, exactly as :class:`nclab.train.Truncated` pools it
+    (:func:`nclab.features.pool_tap`, ``"avg"``)."""
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z.mean(dim=(2, 3), dtype=torch.float32)
+        return pool_tap(z, "avg", batch_size=len(z))
 
 
 def split(model: FineTuned) -> tuple[nn.Module, nn.Module]:
@@ -533,7 +535,7 @@ def split(model: FineTuned) -> tuple[nn.Module, nn.Module]:
         raise ValueError("the prefix before the tuned block has trainable parameters; split() "
                          "needs them frozen")
     after = [] if truncated else steps[i + 1:]
-    rest = nn.Sequential(_ChannelMean()) if truncated else nn.Sequential(*[s for _, s in after])
+    rest = nn.Sequential(_PoolTap()) if truncated else nn.Sequential(*[s for _, s in after])
     suffix = Suffix(steps[i][1], rest, model.skip,
                     model.head, freeze_norm=model.freeze_norm,
                     frozen_after=[s for n, s in after if n is not None
