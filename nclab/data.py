@@ -478,8 +478,7 @@ def load_tensors(
     image sizes are resized and centre-cropped to ``image_size`` once. With ``max_per_class`` every
     class is capped at that many images (drawn with ``seed``) when all classes have more."""
     spec = DATASETS.get(name)
-    fixed = name in ("digits", "cifar10_2k", "fashion_mnist_2k") or (
-        isinstance(spec, _Remote) and spec.fixed_size)
+    fixed = not isinstance(spec, _Remote) or spec.fixed_size  # local sets are all fixed-size
     ds = load(name, split, root=root, image_size=None if fixed else image_size)
     ds = ds if isinstance(ds, TensorDataset) else materialize(ds)
     if max_per_class is not None and int(torch.bincount(ds.y).min()) > max_per_class:

@@ -113,9 +113,11 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
         self.downsample: nn.Module | None = None
-        if (stride != 1 or c_in != c_out) and shortcut == "A":
+        if stride == 1 and c_in == c_out:
+            pass  # identity shortcut
+        elif shortcut == "A":
             self.downsample = PadShortcut(c_in, c_out, stride)
-        elif stride != 1 or c_in != c_out:
+        else:
             self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
                                             nn.BatchNorm2d(c_out))
 
