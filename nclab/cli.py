@@ -2,6 +2,7 @@
 
     nclab make-student [PATH ...] [--out FILE]   write <name>_student.ipynb from <name>_solution.ipynb
     nclab check-assignments [FOLDER]             exit 1 if a student version is stale or leaks code
+    nclab check-quotes PATH [PATH ...]           exit 1 if a quote of the paper disagrees with it
 
 The solutions are in ``book/instructors/solutions/`` (private: not in the book, the wheel or a
 public copy); the student versions are written to ``book/assignments/``.
@@ -51,6 +52,18 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _check_quotes(args: argparse.Namespace) -> int:
+    from . import quotes
+
+    files, failures = quotes.scan_paths(args.paths, root=Path.cwd())
+    for f in failures:
+        print(f"{f}\n", file=sys.stderr)
+    print(f"{len(files)} file(s) read: {len(failures)} paper quote(s) disagree with "
+          "nclab/resources/paper_numbers.csv" if failures else
+          f"{len(files)} file(s) read: every paper quote agrees with nclab/resources/paper_numbers.csv")
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nclab", description="nclab instructor tools: student versions of the assignments.")
@@ -78,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("folder", nargs="?", type=Path, default=DEFAULT_FOLDER,
                        help=f"the solutions folder (default {DEFAULT_FOLDER})")
     check.set_defaults(func=_check)
+    cq = sub.add_parser(
+        "check-quotes",
+        help="check the paper quotes of notebooks and markdown pages against the paper's numbers",
+        description="Read the markdown of the notebooks (.ipynb) and pages (.md) given or found under "
+                    "the folders given, and report every sentence or table that quotes the paper "
+                    "(names it and a Table/Fig./App.) with a number, backbone or source that is not in "
+                    "nclab/resources/paper_numbers.csv at the printed precision (conventions: "
+                    "nclab.quotes). Exits 1 on any disagreeing quote.")
+    cq.add_argument("paths", nargs="+", metavar="PATH", help="notebooks, .md pages or folders")
+    cq.set_defaults(func=_check_quotes)
     return parser
 
 
