@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy as _copy
 import re
 import warnings
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -53,12 +54,16 @@ from nclab.recompute import recompute_activations
 __all__ = [
     "BLOCK_METHODS",
     "METHODS",
+    "FineTuneStudy",
     "FineTuned",
     "SkipPool",
+    "adapt_norm_stats",
     "describe",
+    "features_nc1",
     "lora_modules",
     "prepare",
     "split",
+    "study",
     "trainable_percent",
 ]
 
@@ -546,3 +551,187 @@ def split(model: FineTuned) -> tuple[nn.Module, nn.Module]:
     if model.freeze_norm:
         _norms_eval(prefix)
     return prefix, suffix
+
+
+# --------------------------------------------------------------------------- BatchNorm protocol
+
+
+def _norm_layers(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def adapt_norm_stats(model: nn.Module, data, *, batch_size: int = 256, image_size: int | None = None,
+                     device: torch.device | str | None = None, copy: bool = True) -> nn.Module:
+    """``model`` with every BatchNorm's running mean/variance re-estimated on ``data``.
+
+    The paper (App. E) lets the normalisation layers of every method update their running
+    statistics on the downstream data. A frozen prefix trained from a cache (``fit(...,
+    cache_prefix=True)``) runs in eval mode and would keep the source statistics; calling this on
+    the backbone first gives it the downstream ones instead. Each BatchNorm is reset and set to a
+    cumulative average (``momentum=None``), the model runs once over ``data`` (an
+    :class:`nclab.data.TensorDataset`, fixed order) in train mode without gradients, so layer
+    ``l`` ends with ``mu_l = mean_b mean(z_l)`` and ``sigma^2_l = mean_b var_unbiased(z_l)`` over
+    the batches ``b``, each layer normalising with batch statistics as in training. No parameter
+    changes; momenta and the train/eval mode are restored. ``copy=False`` works in place."""
+    from nclab.data import batches
+    from nclab.train import _input_size, _norm_stats  # here: nclab.train imports this module
+
+    if copy:
+        model = _copy.deepcopy(model)
+    norms = _norm_layers(model)
+    if not norms:
+        return model
+    ref = next(model.parameters(), None)
+    dev = torch.device(device) if device is not None else (
+        ref.device if ref is not None else torch.device("cpu"))
+    mean, std = _norm_stats(model)
+    size = image_size if image_size is not None else _input_size(model)
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for x, _ in batches(data, batch_size, device=dev, size=size, mean=mean, std=std):
+            model(x)
+    finally:
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return model
+
+
+@torch.no_grad()
+def features_nc1(model: nn.Module, data, *, batch_size: int = 256,
+                 image_size: int | None = None) -> float:
+    """NC1 ``= (1/K) tr(Sigma_W Sigma_B^+)`` of the features the classifier sees,
+    ``model.features(x)`` (a prepared model, eval mode), on ``data`` (a TensorDataset): e.g. the
+    downstream *training* set, where Table 3 measures it, or the test set."""
+    from nclab.data import batches
+    from nclab.metrics import ClassStats, nc1
+    from nclab.train import _input_size, _norm_stats
+
+    if not hasattr(model, "features"):
+        raise TypeError(f"features_nc1() takes a prepared model, got {type(model).__name__}")
+    ref = next(model.parameters())
+    mean, std = _norm_stats(model)
+    size = image_size if image_size is not None else _input_size(model)
+    was_training = model.training
+    model.eval()
+    try:
+        k = getattr(model, "num_classes", None) or int(data.num_classes)
+        stats = ClassStats(int(k), device=ref.device)
+        for x, y in batches(data, batch_size, device=ref.device, size=size, mean=mean, std=std):
+            stats.update(model.features(x).float(), y)
+    finally:
+        model.train(was_training)
+    return float(nc1(stats))
+
+
+# --------------------------------------------------------------------------- the chapter's study
+
+
+@dataclass(frozen=True)
+class FineTuneStudy:
+    """What the fine-tuning chapter runs in one profile; every profile difference of the chapter
+    is here (read by the chapter, tested in ``tests/test_finetune_protocol.py``).
+
+    ``backbone``: the registry name of the network (``smoke``: a ``convnet_s`` the chapter
+    pre-trains on digits 0-4, see :meth:`load`). ``second``: a network of another family for
+    Table 3 on a second architecture (None: not run). ``per_class``: downstream training images
+    per class (None = all). ``block``: Block k (None: :func:`nclab.models.default_block`).
+    ``tune_sweep``: the tuned blocks of Fig. 7; ``sweep(L)``: those of Figs. 9a and 14;
+    ``many(L)``: the numbers of last blocks tuned together (Fig. 9b). ``sweep_seeds``: seeds of
+    the Fig. 14 sweep. ``cache``: train the frozen-prefix methods from a cache of its output
+    (:func:`nclab.train.fit` ``cache_prefix``; the BatchNorm statistics are first re-estimated on
+    the downstream data, :func:`adapt_norm_stats`). ``checked``: the claims the chapter asserts,
+    those that held on every seed measured for this profile."""
+
+    profile: str
+    backbone: str
+    downstream: str
+    epochs: int
+    batch_size: int
+    seeds: tuple[int, ...]
+    shots: tuple[int, ...]
+    block: int | None = None
+    lora_rank: int = 96
+    tune_sweep: tuple[int, ...] = (1, 3, 5, 7)
+    sweep_step: int = 2
+    image_size: int | None = None
+    per_class: int | None = None
+    cache: bool = False
+    second: str | None = None
+    sweep_seeds: tuple[int, ...] = (0,)
+    checked: tuple[str, ...] = ()
+
+    def sweep(self, num_blocks: int) -> list[int]:
+        """Blocks tuned one at a time (Figs. 9a, 14): every ``sweep_step``-th block, the tuned
+        block, ``tune_sweep`` and the last block (``real``: the first of each stage and the last
+        two)."""
+        if self.profile == "real":
+            return sorted({*self.tune_sweep, num_blocks - 1, num_blocks})
+        chosen = set(range(1, num_blocks + 1, self.sweep_step)) | {num_blocks, *self.tune_sweep}
+        if self.block is not None:
+            chosen.add(self.block)
+        return sorted(k for k in chosen if 1 <= k <= num_blocks)
+
+    def many(self, num_blocks: int) -> list[int]:
+        """Numbers ``n`` of last blocks tuned together for Fig. 9b (``n >= 2``)."""
+        if self.profile == "real":
+            return [2, 3, 2 * num_blocks // 3]
+        return [n for n in self.sweep(num_blocks) if n >= 2]
+
+    def load(self, device: torch.device | str | None = None):
+        """``(backbone, train, test)``: the pre-trained network and the downstream data, on
+        ``device`` (uint8 images)."""
+        from nclab.data import class_subset, digits, load, subset_per_class
+        from nclab.models import load_backbone
+
+        if self.profile == "smoke":
+            from nclab.pretrain import pretrain
+            from nclab.runtime import profile as get_profile
+
+            train_all, test_all = digits("train", size=16), digits("test", size=16)
+            source = class_subset(train_all, range(5))      # pre-training task: digits 0-4
+            train = class_subset(train_all, range(5, 10))   # downstream task: digits 5-9
+            test = class_subset(test_all, range(5, 10))
+            torch.manual_seed(0)
+            net = load_backbone("convnet_s", pretrained=False, width=8, depth=6)
+            backbone = pretrain(net, source, epochs=get_profile("smoke").pretrain_epochs,
+                                seed=0, progress=False)
+        else:
+            size = self.image_size or 32
+            train = load(self.downstream, "train", image_size=size)
+            test = load(self.downstream, "test", image_size=size)
+            backbone = load_backbone(self.backbone)
+        if self.per_class:
+            train = subset_per_class(train, self.per_class, seed=0)
+        if device is not None:
+            train, test = train.to(device), test.to(device)
+        return backbone, train, test
+
+
+def study(profile=None) -> FineTuneStudy:
+    """The fine-tuning chapter's :class:`FineTuneStudy` for ``profile`` (a name, a
+    :class:`~nclab.runtime.Profile`, or None for the active one)."""
+    from nclab.runtime import Profile
+    from nclab.runtime import profile as active_profile
+
+    prof = profile if isinstance(profile, Profile) else active_profile(profile)
+    common = dict(profile=prof.name, epochs=prof.finetune_epochs, batch_size=prof.batch_size,
+                  seeds=prof.seeds, shots=prof.shots_per_class)
+    if prof.name == "smoke":
+        return FineTuneStudy(**common, backbone="convnet_s", downstream="digits", block=4,
+                             lora_rank=4, tune_sweep=(1, 3, 5), sweep_step=1,
+                             sweep_seeds=prof.seeds,
+                             checked=("full_most_accurate", "full_not_below_probe"))
+    if prof.name == "real":
+        return FineTuneStudy(**common, backbone=prof.models[0], downstream=prof.downstream[0],
+                             lora_rank=8, tune_sweep=(1, 4, 7), per_class=50, cache=True,
+                             second="pyhessian_resnet20", sweep_seeds=prof.seeds,
+                             checked=("full_most_accurate", "scl_beats_layer"))
+    return FineTuneStudy(**common, backbone="resnet50", downstream=prof.downstream[0], block=8,
+                         image_size=prof.image_size, per_class=prof.max_train_per_class)

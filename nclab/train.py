@@ -922,7 +922,8 @@ def run_method(
     ``nclab.finetune.METHODS``, ``"layer_lp"`` for :func:`layer_lp`, or ``"blocks"`` with a list
     ``block=[...]`` for :func:`tune_blocks`), :func:`fit` it, and return one row: ``method``,
     ``block``, ``seed``, ``test_acc``, ``nc1`` (penultimate), ``train_acc``, ``params_percent``
-    (:func:`nclab.finetune.trainable_percent`), ``layer_nc1``, ``seconds`` and the ``history``."""
+    (:func:`nclab.finetune.trainable_percent`), ``layer_nc1``, ``seconds``, the ``history`` and
+    the trained ``model``."""
     from .finetune import prepare, trainable_percent
 
     seed_everything(seed)
@@ -938,4 +939,4 @@ def run_method(
     return {"method": method, "block": block, "seed": seed, "test_acc": final["test_acc"],
             "nc1": final["nc1"], "train_acc": hist.records[-1]["train_acc"],
             "params_percent": trainable_percent(model), "layer_nc1": final.get("layer_nc1"),
-            "seconds": hist.config["seconds"], "history": hist}
+            "seconds": hist.config["seconds"], "history": hist, "model": model}
