@@ -32,6 +32,7 @@ import copy as _copy
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -136,6 +137,44 @@ class _Prepared(nn.Module):
             with recompute_activations(self.frozen_after()):
                 return self._features(x)
         return self._features(x)
+
+
+class _Cut(Exception):
+    """Raised by a hook to stop a forward pass after the block it watches."""
+
+
+class Truncated(nn.Module):
+    """``backbone`` cut after Block k: ``forward(x)`` runs the backbone up to Block k only and
+    returns its output pooled to (B, C) (CNN: channel average; ViT: token average), so the layers
+    after Block k are dropped (they stay attached but never run). ``num_features`` = that width."""
+
+    def __init__(self, backbone: nn.Module, block: int) -> None:
+        super().__init__()
+        units = blocks(backbone)
+        if not 1 <= block <= len(units):
+            raise ValueError(f"block {block} out of range: this backbone has blocks 1..{len(units)}")
+        self.backbone = backbone
+        self.block = block
+        self.block_name, self._unit = units[block - 1]
+        self.num_features = _block_width(family(backbone), self._unit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        store: list[Any] = []
+
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+            store.append(out)
+            raise _Cut
+
+        handle = self._unit.register_forward_hook(hook)
+        try:
+            self.backbone(x)
+        except _Cut:
+            pass
+        finally:
+            handle.remove()
+        if not store:
+            raise RuntimeError(f"Block {self.block} ({self.block_name}) did not run in forward")
+        return pool_tap(store[0], "avg", batch_size=len(x))
 
 
 class FineTuned(_Prepared):
@@ -488,7 +527,7 @@ class Suffix(_Prepared):
 
 
 class _PoolTap(nn.Module):
-    """Layer LP's pooling of Block k's output, exactly as :class:`nclab.train.Truncated` pools it
+    """Layer LP's pooling of Block k's output, exactly as :class:`Truncated` pools it
     (:func:`nclab.features.pool_tap`, ``"avg"``)."""
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -519,7 +558,6 @@ def split(model: FineTuned) -> tuple[nn.Module, nn.Module]:
     tuned = tuple(getattr(model, "tuned_blocks", None) or ())
     if model.method in ("linear", "mlp") and not tuned:
         return model.backbone, model.head
-    from nclab.train import Truncated  # here: nclab.train imports this module
 
     truncated = isinstance(model.backbone, Truncated)  # Layer LP: the layers after Block k dropped
     net = model.backbone.backbone if truncated else model.backbone

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, TensorDataset, batches, normalize
+from .finetune import Truncated  # defined there (beside the other prepared forms), re-exported here
 from .runtime import profile, seed_everything
 
 __all__ = [
@@ -825,48 +826,6 @@ def _check_finite(bad_step: torch.Tensor, epoch: int, d: _Dist) -> None:
 
 
 # --------------------------------------------------------------------------- ablations (Fig. 9)
-class _Cut(Exception):
-    """Raised by a hook to stop a forward pass after the block it watches."""
-
-
-class Truncated(nn.Module):
-    """``backbone`` cut after Block k: ``forward(x)`` runs the backbone up to Block k only and
-    returns its output pooled to (B, C) (CNN: channel average; ViT: token average), so the layers
-    after Block k are dropped (they stay attached but never run). ``num_features`` = that width."""
-
-    def __init__(self, backbone: nn.Module, block: int) -> None:
-        super().__init__()
-        from .models import _block_width, blocks, family
-
-        units = blocks(backbone)
-        if not 1 <= block <= len(units):
-            raise ValueError(f"block {block} out of range: this backbone has blocks 1..{len(units)}")
-        self.backbone = backbone
-        self.block = block
-        self.block_name, self._unit = units[block - 1]
-        self.num_features = _block_width(family(backbone), self._unit)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .features import pool_tap
-
-        store: list[Any] = []
-
-        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
-            store.append(out)
-            raise _Cut
-
-        handle = self._unit.register_forward_hook(hook)
-        try:
-            self.backbone(x)
-        except _Cut:
-            pass
-        finally:
-            handle.remove()
-        if not store:
-            raise RuntimeError(f"Block {self.block} ({self.block_name}) did not run in forward")
-        return pool_tap(store[0], "avg", batch_size=len(x))
-
-
 def layer_lp(backbone: nn.Module, block: int, num_classes: int):
     """Layer LP (the paper's Fig. 9a): drop every layer after Block k, pool Block k's output and
     train Block k and a new linear head on it. Returns a :class:`nclab.finetune.FineTuned` with
