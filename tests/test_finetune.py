@@ -338,3 +338,15 @@ def test_head_follows_the_backbone_dtype_and_is_a_fresh_copy():
     assert m(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 3)
     assert M.blocks(m)[0][0] == "backbone.layer1.0"  # units of a prepared model, by its names
     assert m.backbone.conv1.weight is not small.conv1.weight
+
+
+def test_truncated_lives_in_finetune_and_is_reexported_by_train() -> None:
+    """Issue 23: Truncated is defined in nclab.finetune; nclab.train only re-exports it."""
+    import inspect
+
+    import nclab.finetune as ft
+    import nclab.train as tr
+
+    assert tr.Truncated is ft.Truncated
+    assert ft.Truncated.__module__ == "nclab.finetune"
+    assert "import Truncated" not in inspect.getsource(ft)
