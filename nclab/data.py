@@ -7,18 +7,17 @@ uint8, ``.y`` (N,) int64 and ``.classes``. CIFAR-scale sets fit on a GPU as uint
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .net import reachable as _reachable
 from .runtime import data_dir
 
 __all__ = [
@@ -360,17 +359,6 @@ DATASETS: dict[str, _Remote | str] = {
 def _check_split(split: str, valid: Sequence[str]) -> None:
     if split not in valid:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(valid)}")
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether the host of ``url`` accepts a TCP connection within ``timeout`` seconds."""
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _default_transform(size: int | None):

@@ -35,7 +35,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .data import _reachable  # one TCP reachability check for every download
+from .net import offline as _offline
+from .net import reachable as _reachable  # one TCP reachability check for every download
 from .runtime import data_dir
 
 __all__ = [
@@ -195,11 +196,6 @@ MIRROR: dict[str, MirrorFile] = {
 
 
 # --------------------------------------------------------------------------- fetch
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("NCLAB_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def _download(url: str, dest: Path, timeout: float = 30.0) -> None:

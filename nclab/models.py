@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .net import offline as _offline_env
+from .net import reachable as _reachable
 
 __all__ = [
     "BACKBONES",
@@ -372,19 +374,6 @@ def _probe_width(model: nn.Module, fam: str) -> int:
 
 class WeightsUnavailableError(FileNotFoundError):
     """Pretrained weights are not cached locally and cannot be downloaded (offline)."""
-
-
-def _offline_env() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NCLAB_OFFLINE"))
-
-
-def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 _DENSENET_OLD_KEY = re.compile(
