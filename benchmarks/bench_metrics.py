@@ -5,7 +5,10 @@ Prints ratios measured in this one run:
 1. NC1 of N x d float32 features with K classes: ``nclab.nc1(H, y)`` (low-rank route, float64) vs a
    plain float64 NumPy implementation (class means, Sigma_W, Sigma_B, ``pinv``); the two must agree
    to 1e-6 relative. On CUDA also a dense float64 torch ``pinv`` route, and the streamed
-   ``ClassStats`` route.
+   ``ClassStats`` route. Beside it the arithmetic limit: the projection of the centred features on
+   the r <= K-1 directions of Sigma_B costs about N*d*K multiply-adds, timed at this machine's
+   float64 GEMM rate (a d x d product measured in the same run). The BLAS behind NumPy and torch,
+   their thread counts and the OPENBLAS_* variables in force are printed first.
 2. (CUDA) With TF32 switched on globally nclab's NC1 must not move; a naive float32 second-moment
    GEMM is shown for contrast.
 3. Streaming cost: a torchvision ResNet-18 (random weights) with 9 taps (stem + 8 residual blocks)
@@ -53,6 +56,33 @@ def timed(fn, dev: torch.device, repeats: int, warmup: int = 1) -> tuple[float, 
         sync(dev)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def blas_report() -> None:
+    """Which BLAS NumPy and torch call, with how many threads, and the OPENBLAS_* settings."""
+    import os
+
+    try:
+        from threadpoolctl import threadpool_info
+
+        for info in threadpool_info():
+            print(f"  BLAS {info.get('internal_api')} {info.get('version')} "
+                  f"({info.get('architecture', '?')}), {info.get('num_threads')} threads, "
+                  f"{os.path.basename(str(info.get('filepath')))}")
+    except ImportError:
+        print("  threadpoolctl not installed: BLAS not reported")
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                "MKL_NUM_THREADS"):
+        print(f"  {var}={os.environ.get(var, '(unset)')}")
+    print(f"  torch: {torch.get_num_threads()} threads, MKL {torch.backends.mkl.is_available()}, "
+          f"BLAS {torch.__config__.show().split('BLAS_INFO=')[-1].split(',')[0]}")
+
+
+def gemm_rate(d: int, dev: torch.device, repeats: int = 3) -> float:
+    """Multiply-adds per second of a float64 d x d GEMM on ``dev`` (torch)."""
+    a = torch.randn(d, d, dtype=torch.float64, device=dev)
+    t, _ = timed(lambda: a @ a, dev, repeats)
+    return d**3 / t
 
 
 def make_features(n: int, d: int, k: int, dev: torch.device, seed: int = 0):
@@ -113,6 +143,12 @@ def bench_nc1(args, dev: torch.device, rows: list) -> None:
     t_nc, v_nc = timed(lambda: nc1(h, y, num_classes=k), dev, args.repeats)
     print(f"  nclab.nc1(H, y)             {t_nc * 1e3:10.1f} ms   NC1 = {v_nc:.10g}")
     rows.append(("nc1 nclab (ms)", t_nc * 1e3))
+    rate = gemm_rate(d, dev)
+    floor = n * d * k / rate
+    print(f"  arithmetic limit            {floor * 1e3:10.1f} ms   (N*d*K = {n * d * k:.3g} multiply-adds "
+          f"at {rate / 1e9:.2f} G float64 multiply-adds/s) -> nclab at {floor / t_nc:.0%} of it")
+    rows.append(("nc1 arithmetic limit (ms)", floor * 1e3))
+    rows.append(("nc1 nclab / limit", t_nc / floor))
 
     def streamed():
         return nc1(ClassStats(k).update(h, y))
@@ -268,6 +304,7 @@ def main() -> None:
     print(f"nclab {nclab.__version__}, torch {torch.__version__}, device {dev}"
           + (f" ({torch.cuda.get_device_name(dev)})" if gpu else f", {torch.get_num_threads()} "
              "CPU threads"))
+    blas_report()
     rows: list = []
     if not args.no_nc1:
         bench_nc1(args, dev, rows)
