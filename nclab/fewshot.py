@@ -68,6 +68,8 @@ __all__ = [
     "evaluate_embeddings",
     "evaluate",
     "summary_table",
+    "FewShotStudy",
+    "study",
 ]
 
 
@@ -767,3 +769,45 @@ def summary_table(reports: Mapping[str, FewShotReport]):
         row["query NC1"] = rep.nc1
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
+
+
+# =========================================================================== the chapter's study
+@dataclass(frozen=True)
+class FewShotStudy:
+    """What the few-shot chapter runs in one profile; every profile difference of the chapter is here.
+
+    ``dataset``/``scale``/``epochs``/``episodes``/``seed``: the split family, width multiplier,
+    pre-training epochs, episodes per setting and seed, read from the profile. ``gain_checked``: the
+    backbones whose gain over an untrained copy (beyond twice the 1-shot interval, with smaller
+    query NC1) held on every seed measured for this profile; the chapter asserts it for these only.
+    ``below_paper``: whether every backbone is asserted to fall short of the paper's CIFAR-FS
+    accuracy. ``cross_domain``: the meta-test split of the really pre-trained ``cross_models`` (None:
+    the cross-domain section has nothing to run in this profile).
+    """
+
+    profile: str
+    dataset: str
+    scale: float
+    epochs: int
+    episodes: int
+    seed: int
+    gain_checked: tuple[str, ...] = ()
+    below_paper: bool = False
+    cross_domain: str | None = None
+    cross_models: tuple[str, ...] = ()
+
+
+def study(profile=None) -> FewShotStudy:
+    """The few-shot chapter's :class:`FewShotStudy` for ``profile`` (a name, a
+    :class:`~nclab.runtime.Profile`, or None for the active one)."""
+    from .runtime import Profile
+    from .runtime import profile as active_profile
+
+    prof = profile if isinstance(profile, Profile) else active_profile(profile)
+    extra: dict = {
+        "smoke": {"gain_checked": ("resnet12", "seresnet12")},
+        "real": {"gain_checked": tuple(BACKBONES), "below_paper": True,
+                 "cross_domain": "fashion_mnist_fs", "cross_models": prof.models},
+    }.get(prof.name, {})
+    return FewShotStudy(profile=prof.name, dataset=prof.fewshot_dataset, scale=prof.fewshot_scale,
+                        epochs=prof.fewshot_epochs, episodes=prof.episodes, seed=prof.seeds[0], **extra)

@@ -58,6 +58,7 @@ __all__ = [
     "FineTuneStudy",
     "FineTuned",
     "SkipPool",
+    "Truncated",
     "adapt_norm_stats",
     "describe",
     "features_nc1",

@@ -58,7 +58,6 @@ __all__ = [
     "History",
     "NonFiniteLossError",
     "load_checkpoint",
-    "Truncated",
     "layer_lp",
     "tune_blocks",
     "run_method",

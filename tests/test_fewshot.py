@@ -386,3 +386,20 @@ def test_pretrain_fewshot_trains_caches_and_freezes(tmp_path, monkeypatch):
                                 progress=False)  # same configuration: loaded from the cache
     for a, b in zip(out.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_study_reads_the_profile_and_guards_only_measured_claims():
+    from nclab.runtime import PROFILES
+
+    real = fs.study("real")
+    assert (real.dataset, real.scale, real.epochs, real.episodes) == (
+        "cifar10_fs", PROFILES["real"].fewshot_scale, PROFILES["real"].fewshot_epochs,
+        PROFILES["real"].episodes)
+    assert real.gain_checked == tuple(fs.BACKBONES) and real.below_paper
+    assert real.cross_domain == "fashion_mnist_fs" and real.cross_models == PROFILES["real"].models
+    smoke = fs.study(PROFILES["smoke"])
+    assert smoke.dataset == "digits_fs" and "convnet4" not in smoke.gain_checked
+    assert smoke.cross_domain is None and not smoke.below_paper
+    course = fs.study("course")
+    assert course.gain_checked == () and course.cross_domain is None
+    assert set(real.gain_checked) <= set(fs.BACKBONES)
