@@ -74,7 +74,7 @@ METHODS: tuple[str, ...] = ("linear", "mlp", "layer", "scl", "full", "layer_lora
 #: The methods that tune one block (they need ``block=``).
 BLOCK_METHODS: tuple[str, ...] = ("layer", "scl", "layer_lora")
 _CNN = ("resnet", "timm_resnet", "densenet", "timm_densenet", "mobilenet_v2", "googlenet",
-        "convnet_s", "resnet_s")
+        "convnet_s", "resnet_s", "zoo")
 
 
 class SkipPool(nn.Module):
@@ -96,9 +96,10 @@ class SkipPool(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.mode == "avg2d":
-            if z.dim() != 4:
+            if z.dim() not in (2, 4):
                 raise ValueError(f"avg2d pooling expects (B, C, H, W), got shape {tuple(z.shape)}")
-            pooled = F.adaptive_avg_pool2d(z, 1).flatten(1)
+            # a linear unit (a zoo CNN's hidden layer) outputs (B, C): nothing to pool
+            pooled = z if z.dim() == 2 else F.adaptive_avg_pool2d(z, 1).flatten(1)
         else:
             if z.dim() != 3:
                 raise ValueError(f"token pooling expects (B, N, D), got shape {tuple(z.shape)}")

@@ -10,6 +10,8 @@ digits (``smoke``) and this mirror (``real``). The mirror is a pair of folders l
         fashion_mnist/fashion_mnist_test2k.npz
     $NCLAB_WEIGHTS/                         (default ~/.cache/nclab/weights)
         akamaster_cifar10/resnet20-12fca82f.th  (and resnet32, resnet44, resnet56)
+        abcrown_cifar10/, captum_cifar10/, convex_adversarial_cifar10/, pyhessian_cifar10/
+                                            (the 19 networks of the CIFAR-10 zoo, nclab.zoo)
 
 Every file in :data:`MIRROR` carries its SHA-256 and its public origin. :func:`fetch` returns the
 path of a verified file; a missing file is downloaded from its origin when the network allows
@@ -168,6 +170,77 @@ _RESNET_SHA = {20: "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b040
                44: "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4",
                56: "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"}
 
+_GH = "https://raw.githubusercontent.com/"
+_PYHESSIAN = _GH + "amirgholami/PyHessian/de8cf239ace21c7754ee599255897ebf3eed19cb/"
+_CAPTUM = _GH + "pytorch/captum/faac08773131888714b15709b28494ebeea7f6eb/"
+_CONVEX = _GH + "locuslab/convex_adversarial/2cd8149249b9e90383af10fc7e9b9fe90166813e/"
+_ABCROWN = (_GH + "Verified-Intelligence/alpha-beta-CROWN/8250d5fbd530c76e5e3243db28b3cad5fbaef740/"
+            "complete_verifier/models/")
+
+#: The CIFAR-10 model zoo (:mod:`nclab.zoo`): name -> (folder, SHA-256, origin URL, licence). The
+#: file is ``<folder>/<name>-<sha8>.<extension of the origin>``.
+_ZOO_FILES: dict[str, tuple[str, str, str, str]] = {
+    "pyhessian_resnet20": (
+        "pyhessian_cifar10", "540b6fa4571068396e1e95c9159b14449dc2d18fa120476b209834b38214a719",
+        _PYHESSIAN + "checkpoints/net.pkl", "MIT"),
+    "captum_lenet": (
+        "captum_cifar10", "228d8332085282b6d2626d1b1b1b17944c760507d9b0cabe318dc6b108acf6e9",
+        _CAPTUM + "tutorials/models/cifar_torchvision.pt", "BSD-3-Clause"),
+    "convex_small_linf8": (
+        "convex_adversarial_cifar10",
+        "f07c615f58616cbc7667974f146c4baa851bf0e71df8431a150abea8b7901f37",
+        _CONVEX + "models_scaled/cifar_small_8px.pth", "MIT"),
+    "convex_small_l2_36": (
+        "convex_adversarial_cifar10",
+        "d99894f1fe2866dd3509d3b2a69e16110e58c8d04bd696a070ad6e23d22f11b7",
+        _CONVEX + "models_scaled_l2/cifar_small_36px.pth", "MIT"),
+    "oval_base": (
+        "abcrown_cifar10", "a1b07b56b4bbb758e4fb3471b2c140e8e8a43679bb8c032c2691095b2327275a",
+        _ABCROWN + "oval/cifar_base.pth", "BSD-3-Clause"),
+    "oval_wide": (
+        "abcrown_cifar10", "1980beb15e180902fd48b50cd0ac24ac80d48f3ec166753d5773a7dc24d60a07",
+        _ABCROWN + "oval/cifar_wide.pth", "BSD-3-Clause"),
+    "oval_deep": (
+        "abcrown_cifar10", "1ddec19e8e7c8adf636a9349ccd06841d1dca68b9bea5ad278b6d908252dfb58",
+        _ABCROWN + "oval/cifar_deep.pth", "BSD-3-Clause"),
+    "sdp_cnn_a_adv": (
+        "abcrown_cifar10", "e45d79e68342395f4ada6f89852ae41feba14b430a3b2462a04d7f5e02c65657",
+        _ABCROWN + "sdp/cifar_cnn_a_adv.model", "BSD-3-Clause"),
+    "sdp_cnn_a_adv4": (
+        "abcrown_cifar10", "f872a69536be3f0ab98397094bb7c3952d747b08321b81eafd00d9fab5eca0e7",
+        _ABCROWN + "sdp/cifar_cnn_a_adv4.model", "BSD-3-Clause"),
+    "sdp_cnn_a_adv_alt": (
+        "abcrown_cifar10", "6540c5a9d9d0856a2870e5be19d7f2322a966cb30b5141f4116beb70dda59e46",
+        _ABCROWN + "sdp/cifar_cnn_a_adv_alt.model", "BSD-3-Clause"),
+    "sdp_cnn_a_mix": (
+        "abcrown_cifar10", "5a1370f41961766db169ad9f945e9cc3157c9afd7986eac73bf2786c35dc3773",
+        _ABCROWN + "sdp/cifar_cnn_a_mix.model", "BSD-3-Clause"),
+    "sdp_cnn_a_mix4": (
+        "abcrown_cifar10", "91d5ade259939afecdccbeb9f818f55f9c560466d9b5b0b01ecc86dc8eaa8d13",
+        _ABCROWN + "sdp/cifar_cnn_a_mix4.model", "BSD-3-Clause"),
+    "eran_conv_small_pgd": (
+        "abcrown_cifar10", "01adb410a8f561aa19e53a2168ca5c71a795a72a2be18c80eb400cf2e54cdd50",
+        _ABCROWN + "eran/cifar_conv_small_pgd.pth", "BSD-3-Clause"),
+    "eran_conv_small_sigmoid": (
+        "abcrown_cifar10", "dfe14ef941707436edccdc81b49bcd00051bb28c54a2f4dc4a5057fe4013c41a",
+        _ABCROWN + "non_relu/cifar_conv_small_sigmoid.pth", "BSD-3-Clause"),
+    "marabou_small": (
+        "abcrown_cifar10", "29771132fd93c72d39d6a07f7d9a24933334fc9448dc23dc0dce38682050902f",
+        _ABCROWN + "marabou_cifar10/cifar_marabou_small.pth", "BSD-3-Clause"),
+    "marabou_medium": (
+        "abcrown_cifar10", "a86f85b6d0204fc4b0fba49fbccbcddeb2cda79d8feec6e714d08c6a882b938d",
+        _ABCROWN + "marabou_cifar10/cifar_marabou_medium.pth", "BSD-3-Clause"),
+    "marabou_large": (
+        "abcrown_cifar10", "ebc062429d071e7199c4cff81df158cd99c910ec3475347cf5007ceb0a9d593f",
+        _ABCROWN + "marabou_cifar10/cifar_marabou_large.pth", "BSD-3-Clause"),
+    "abcrown_resnet2b": (
+        "abcrown_cifar10", "ef824b47175668e924d7fd409b5ef7e239012b8f0c31fefa66c643efda1eb05b",
+        _ABCROWN + "cifar10_resnet/resnet2b.pth", "BSD-3-Clause"),
+    "abcrown_resnet4b": (
+        "abcrown_cifar10", "6158f9668935890e832d4e0fdc3b6cece2386ec826319eac36f329490b7729e7",
+        _ABCROWN + "cifar10_resnet/resnet4b.pth", "BSD-3-Clause"),
+}
+
 #: Every file of the mirror by name.
 MIRROR: dict[str, MirrorFile] = {
     "cifar10_2k": MirrorFile(
@@ -192,6 +265,10 @@ MIRROR: dict[str, MirrorFile] = {
         (f"{_AKAMASTER}resnet{n}-{sha[:8]}.th",),
         f"CIFAR-10-trained ResNet-{n} (option-A shortcuts), akamaster/pytorch_resnet_cifar10",
         "BSD-2-Clause") for n, sha in _RESNET_SHA.items()},
+    **{name: MirrorFile(
+        "weights", f"{folder}/{name}-{sha[:8]}{os.path.splitext(url)[1]}", sha, (url,),
+        f"CIFAR-10-trained zoo network {name} (nclab.zoo), {url.split('/')[3]}/{url.split('/')[4]}",
+        licence) for name, (folder, sha, url, licence) in _ZOO_FILES.items()},
 }
 
 

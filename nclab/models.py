@@ -38,8 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .net import offline as _offline_env
 from .net import reachable as _reachable
+from .zoo import ZOO, ZooNet, read_state_dict
 
 __all__ = [
     "BACKBONES",
@@ -56,6 +58,7 @@ __all__ = [
     "feature_dim",
     "load_backbone",
     "load_weights",
+    "normalization",
     "source_classifier",
     "strip_classifier",
 ]
@@ -186,7 +189,7 @@ def cifar_resnet(depth: int) -> ResNetS:
 
 #: The backbone families :func:`blocks` and :mod:`nclab.finetune` understand.
 FAMILIES = ("resnet", "timm_resnet", "densenet", "timm_densenet", "mobilenet_v2", "googlenet",
-            "vit", "clip_vit", "convnet_s", "resnet_s")
+            "vit", "clip_vit", "convnet_s", "resnet_s", "zoo")
 
 
 def _is_tv(model: nn.Module, cls_name: str) -> bool:
@@ -203,6 +206,8 @@ def family(model: nn.Module) -> str:
         return "convnet_s"
     if isinstance(model, ResNetS):
         return "resnet_s"
+    if isinstance(model, ZooNet):
+        return "zoo"
     if _is_tv(model, "ResNet"):
         return "resnet"
     if _is_tv(model, "DenseNet"):
@@ -248,6 +253,8 @@ def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     out: list[tuple[str, nn.Module]]
     if fam == "convnet_s":
         out = [(f"features.{i}", m) for i, m in enumerate(model.features)]
+    elif fam == "zoo":
+        out = [(n, model.get_submodule(n)) for n in model.units]
     elif fam == "resnet_s":
         out = [(f"layer{s + 1}.{i}", m) for s in range(model.num_stages)
                for i, m in enumerate(getattr(model, f"layer{s + 1}"))]
@@ -314,6 +321,7 @@ _HEAD_KEYS: dict[str, tuple[str, ...]] = {
     "clip_vit": ("proj",),
     "convnet_s": ("fc.", "classifier.", "head."),
     "resnet_s": ("fc.", "classifier.", "head.", "linear."),
+    "zoo": (),  # per model: ZooNet.head_key
 }
 
 
@@ -323,7 +331,7 @@ def strip_classifier(model: nn.Module) -> nn.Module:
     so that ``forward`` returns the penultimate features; sets ``model.num_features``. A model that
     is already a backbone is returned unchanged."""
     fam = family(model)
-    if fam in ("convnet_s", "resnet_s"):
+    if fam in ("convnet_s", "resnet_s", "zoo"):
         return model
     if fam in ("resnet", "googlenet"):
         if isinstance(model.fc, nn.Linear):
@@ -430,7 +438,7 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | dict[str, torch.
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         sd = checkpoint_filter_fn(sd, model)
-    head = _HEAD_KEYS[fam]
+    head = (model.head_key + ".",) if fam == "zoo" else _HEAD_KEYS[fam]
     own = model.state_dict()
     if fam == "clip_vit" and model.proj is not None:
         head = ()
@@ -474,6 +482,8 @@ BACKBONES: dict[str, _Spec] = {
     **{f"resnet{n}": _Spec("mirror", f"resnet{n}", f"CIFAR-10 ResNet-{n}, option A (He et al. "
                            "2016; weights: akamaster/pytorch_resnet_cifar10)")
        for n in CIFAR_RESNETS},
+    **{name: _Spec("zoo", z.arch, f"CIFAR-10 {z.arch}, {z.recipe} (nclab.zoo)")
+       for name, z in ZOO.items()},
 }
 
 
@@ -600,6 +610,16 @@ def load_backbone(name: str, pretrained: bool | str = True,
             from .mirror import fetch
 
             load_weights(model, fetch(name))
+    elif spec.source == "zoo":
+        if kwargs:
+            raise ValueError(f"{name!r} takes no constructor options, got {sorted(kwargs)}")
+        if isinstance(pretrained, str):
+            raise ValueError(f"{name!r} has one set of weights: pass pretrained=True or False")
+        model = _build_zoo(name)
+        if pretrained:
+            from .mirror import fetch
+
+            load_weights(model, read_state_dict(fetch(name), ZOO[name].state_at))
     elif spec.source == "torchvision":
         import torchvision.models as tvm
 
@@ -648,22 +668,74 @@ def load_backbone(name: str, pretrained: bool | str = True,
     return model.eval()
 
 
-def source_classifier(name: str) -> nn.Linear:
-    """The CIFAR-10 classifier that came with a mirror checkpoint (``resnet20`` ...): the
-    ``nn.Linear(64, 10)`` that maps :func:`load_backbone`'s features to CIFAR-10 logits, so that
-    ``source_classifier(n)(load_backbone(n)(x))`` is the published model's output."""
-    spec = BACKBONES.get(name)
-    if spec is None or spec.source != "mirror":
-        mirrored = [n for n, s in BACKBONES.items() if s.source == "mirror"]
-        raise ValueError(f"{name!r} has no mirrored classifier; mirrored models: {mirrored}")
+def _build_zoo(name: str) -> nn.Module:
+    """A randomly initialised zoo backbone, carrying its input size and normalisation
+    (``image_size``, ``image_mean``, ``image_std``, read by :mod:`nclab.train`)."""
+    from .zoo import build
+
+    z = ZOO[name]
+    model: nn.Module = (ResNetS(16, (3, 3, 3), shortcut="B") if z.arch == "resnet20 bn"
+                        else build(z.arch))
+    model.image_size = 32
+    model.image_mean, model.image_std = z.mean, z.std
+    return model
+
+
+def _source_state_dict(name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The published state dict of a mirrored CIFAR-10 network and its classifier's key prefix."""
     from .mirror import fetch
 
-    sd = _read_state_dict(fetch(name))
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    w, b = sd["linear.weight"], sd["linear.bias"]
+    spec = BACKBONES[name]
+    if spec.source == "zoo":
+        sd = read_state_dict(fetch(name), ZOO[name].state_at)
+        from .zoo import build
+
+        return sd, "fc" if spec.arch == "resnet20 bn" else build(spec.arch).head_key
+    sd = {k.removeprefix("module."): v for k, v in _read_state_dict(fetch(name)).items()}
+    return sd, "linear"
+
+
+def source_classifier(name: str) -> nn.Linear:
+    """The CIFAR-10 classifier that came with a mirrored checkpoint (``resnet20`` ..., and every
+    :data:`nclab.zoo.ZOO` network): the last ``nn.Linear`` of the published model, which maps
+    :func:`load_backbone`'s penultimate features to CIFAR-10 logits, so that
+    ``source_classifier(n)(load_backbone(n)(normalize(x, *normalization(n))))`` is the published
+    model's output."""
+    spec = BACKBONES.get(name)
+    if spec is None or spec.source not in ("mirror", "zoo"):
+        mirrored = [n for n, s in BACKBONES.items() if s.source in ("mirror", "zoo")]
+        raise ValueError(f"{name!r} has no mirrored classifier; mirrored models: {mirrored}")
+    sd, key = _source_state_dict(name)
+    w, b = sd[f"{key}.weight"], sd[f"{key}.bias"]
     head = nn.Linear(w.shape[1], w.shape[0])
     head.load_state_dict({"weight": w, "bias": b})
     return head.eval()
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per RGB channel that registry backbone ``name`` expects after its pixels
+    are scaled to [0, 1]: ``x_in = (x - mean) / std``.
+
+    torchvision models, akamaster's CIFAR ResNets (``resnet20`` ...) and the small nets (as
+    :mod:`nclab.pretrain` trains them): ImageNet's ``nclab.data.IMAGENET_MEAN``/``IMAGENET_STD``;
+    timm: its pretrained config (ViT-B/32 augreg: 0.5, 0.5); open_clip: OpenAI's CLIP statistics;
+    zoo networks: the normalisation each was trained with (:data:`nclab.zoo.ZOO`; the Marabou nets
+    take raw pixels, returned as mean 0, std 1)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    if spec.source == "zoo":
+        return tuple(ZOO[name].mean), tuple(ZOO[name].std)
+    if spec.source == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(spec.arch)
+        return tuple(cfg.mean), tuple(cfg.std)
+    if spec.source == "open_clip":
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        return tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD)
+    return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
 
 
 def _resolve_block(model: nn.Module, block: int | None) -> tuple[int, str, nn.Module]:
@@ -684,6 +756,9 @@ def _block_width(fam: str, block: nn.Module) -> int:
     """Output channels / width of a fine-tuning unit (for the SCL skip)."""
     if fam == "convnet_s":
         return block[0].out_channels
+    if fam == "zoo":  # a conv or linear layer, or a residual block ending in conv2
+        last = getattr(block, "conv2", block)
+        return last.out_channels if isinstance(last, nn.Conv2d) else last.out_features
     if fam in ("resnet", "timm_resnet", "resnet_s"):
         last = block.conv3 if hasattr(block, "conv3") else block.conv2
         return last.out_channels
@@ -739,6 +814,8 @@ def _steps(model: nn.Module) -> list[tuple[str | None, nn.Module]]:
     flat = nn.Flatten(1)
     if fam == "convnet_s":
         return tag([*model.features, model.pool, flat])
+    if fam == "zoo":
+        return tag(model.steps())
     if fam == "resnet_s":
         stages = [b for s in range(model.num_stages) for b in getattr(model, f"layer{s + 1}")]
         return tag([model.conv1, model.bn1, model.relu, *stages, model.pool, flat])

@@ -29,6 +29,20 @@ EXPECTED = {
     "resnet32": (32, 15, ("layer1.0", "layer3.4"), 64),
     "resnet44": (32, 21, ("layer1.0", "layer3.6"), 64),
     "resnet56": (32, 27, ("layer1.0", "layer3.8"), 64),
+    # the CIFAR-10 zoo (nclab.zoo): every conv / hidden linear layer of the plain CNNs, the
+    # residual blocks (+ linear1) of the ResNets
+    "pyhessian_resnet20": (32, 9, ("layer1.0", "layer3.2"), 64),
+    "captum_lenet": (32, 4, ("conv1", "fc2"), 84),
+    "oval_base": (32, 3, ("0", "5"), 100),
+    "oval_deep": (32, 5, ("0", "9"), 100),
+    "marabou_large": (32, 4, ("0", "7"), 64),
+    "abcrown_resnet2b": (32, 3, ("layer1.0", "linear1"), 100),
+    "abcrown_resnet4b": (32, 5, ("layer1.0", "linear1"), 100),
+    **{n: (32, 3, ("0", "5"), 100) for n in (
+        "convex_small_linf8", "convex_small_l2_36", "oval_wide", "sdp_cnn_a_adv", "sdp_cnn_a_adv4",
+        "sdp_cnn_a_adv_alt", "sdp_cnn_a_mix", "sdp_cnn_a_mix4", "eran_conv_small_pgd",
+        "eran_conv_small_sigmoid")},
+    **{n: (32, 4, ("0", "7"), 64) for n in ("marabou_small", "marabou_medium")},
 }
 
 
@@ -242,3 +256,21 @@ def test_offline_pretrained_fails_fast_with_instructions(monkeypatch, tmp_path):
         assert torch.equal(m.conv1.weight, ref.conv1.weight) and url.endswith(cached.name)
     finally:
         torch.hub.set_dir(hub_dir)
+
+
+def test_normalization_of_every_registry_backbone():
+    """(mean, std) after scaling pixels to [0, 1]: ImageNet's for torchvision, akamaster's CIFAR
+    ResNets and the small nets; timm's / open_clip's own configs; each zoo net's own."""
+    from nclab.data import IMAGENET_MEAN, IMAGENET_STD
+
+    for name in M.BACKBONES:
+        mean, std = M.normalization(name)
+        assert len(mean) == len(std) == 3 and min(std) > 0, name
+    for name in ("resnet50", "densenet121", "googlenet", "resnet20", "resnet56", "convnet_s"):
+        assert M.normalization(name) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert M.normalization("vit_b32") == ((0.5,) * 3, (0.5,) * 3)  # timm augreg weights
+    assert M.normalization("clip_vit_b32")[0][0] == pytest.approx(0.4815, abs=1e-4)
+    assert M.normalization("marabou_large") == ((0.0,) * 3, (1.0,) * 3)  # raw pixels
+    assert M.normalization("pyhessian_resnet20")[1] == (0.2023, 0.1994, 0.201)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        M.normalization("resnet9000")
