@@ -193,3 +193,72 @@ def feature_scatter(H, y, ax=None, title: str | None = None, means: bool = True)
     if title:
         ax.set_title(title)
     return ax
+
+
+# --------------------------------------------------------------------------- fine-tuning (ch. 05)
+__all__ += ["finetune_diagram"]
+
+_TRAINS, _FROZEN = "#f4a261", "#d9d9d9"
+
+
+def finetune_diagram(num_blocks: int = 5, block: int = 3, method: str = "scl", ax=None,
+                     block_labels: Sequence[str] | None = None):
+    """The paper's Fig. 6 as a diagram: ``x -> Block 1 -> ... -> Block L -> h -> g``, the blocks
+    that train (``method``: ``"layer"``/``"scl"``: Block ``block`` and the head ``g``;
+    ``"linear"``: the head; ``"full"``: everything) in orange, the frozen ones in grey, and for
+    ``"scl"`` the parameter-free skip ``h + pad(pool(z_k))`` from Block k's output ``z_k`` to the
+    classifier's input. Patches carry ``gid`` ``"block<k>"``, ``"head"`` and (SCL) ``"skip"``."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    if method not in ("linear", "layer", "scl", "full"):
+        raise ValueError(f"method must be linear, layer, scl or full, got {method!r}")
+    if not 1 <= block <= num_blocks:
+        raise ValueError(f"block must lie in [1, {num_blocks}], got {block}")
+    labels = list(block_labels) if block_labels is not None else [
+        f"Block {k}" for k in range(1, num_blocks + 1)]
+    if len(labels) != num_blocks:
+        raise ValueError(f"{len(labels)} block_labels for {num_blocks} blocks")
+    ax = _axes(ax, figsize=(1.25 * num_blocks + 3.2, 2.4))
+    w, gap, y0, hgt = 1.0, 0.35, 0.0, 0.8
+
+    def box(x: float, text: str, trains: bool, gid: str):
+        patch = FancyBboxPatch((x, y0), w, hgt, boxstyle="round,pad=0.02,rounding_size=0.08",
+                               fc=_TRAINS if trains else _FROZEN, ec="black", lw=1, gid=gid)
+        ax.add_patch(patch)
+        ax.text(x + w / 2, y0 + hgt / 2, text, ha="center", va="center", fontsize=8)
+        return patch
+
+    def arrow(x1: float, x2: float) -> None:
+        ax.add_patch(FancyArrowPatch((x1, y0 + hgt / 2), (x2, y0 + hgt / 2),
+                                     arrowstyle="-|>", mutation_scale=10, lw=1))
+
+    ax.text(-0.35, y0 + hgt / 2, "x", ha="center", va="center", fontsize=11)
+    x = 0.0
+    arrow(-0.2, x)
+    for k, label in enumerate(labels, start=1):
+        trains = method == "full" or (method in ("layer", "scl") and k == block)
+        box(x, label, trains, f"block{k}")
+        arrow(x + w, x + w + gap)
+        if k == block and method in ("layer", "scl"):
+            ax.text(x + w / 2, y0 - 0.18, "tuned", ha="center", va="top", fontsize=8)
+        x += w + gap
+    plus_x = x + 0.15
+    ax.text(plus_x, y0 + hgt / 2, "+" if method == "scl" else "h", ha="center", va="center",
+            fontsize=12, fontweight="bold" if method == "scl" else "normal")
+    arrow(plus_x + 0.18, plus_x + 0.18 + gap)
+    box(plus_x + 0.18 + gap, "head g", True, "head")
+    if method == "scl":
+        x_k = (block - 1) * (w + gap) + w + gap / 2
+        ax.add_patch(FancyArrowPatch((x_k, y0 + hgt / 2), (plus_x, y0 + hgt / 2 + 0.12),
+                                     connectionstyle="arc3,rad=-0.35", arrowstyle="-|>",
+                                     mutation_scale=10, lw=1.4, color="C0", gid="skip"))
+        mid = (x_k + plus_x) / 2
+        ax.text(mid, y0 + hgt + 0.55 + 0.04 * (num_blocks - block), r"pad(pool($z_k$)): no parameters",
+                ha="center", va="bottom", fontsize=8, color="C0")
+    ax.set_xlim(-0.6, plus_x + 0.18 + gap + w + 0.2)
+    ax.set_ylim(-0.6, hgt + 1.4)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    names = {"linear": "Linear probe", "layer": "Layer FT", "scl": "SCL FT", "full": "Full FT"}
+    ax.set_title(f"{names[method]}: orange trains, grey is frozen", fontsize=10)
+    return ax

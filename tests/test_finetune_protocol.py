@@ -129,3 +129,27 @@ def test_study_per_profile():
     for s in (smoke, real, course):
         assert s.epochs == PROFILES[s.profile].finetune_epochs
         assert s.seeds == PROFILES[s.profile].seeds
+
+
+@pytest.mark.parametrize("method", ["linear", "layer", "scl", "full"])
+def test_finetune_diagram_marks_what_trains(method):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from nclab.plots import finetune_diagram
+
+    ax = finetune_diagram(6, 4, method)
+    patches = {p.get_gid(): p for p in ax.patches if p.get_gid()}
+    trains = {g for g, p in patches.items() if g.startswith("block")
+              and to_hex(p.get_facecolor()) == "#f4a261"}
+    expected = {"linear": set(), "layer": {"block4"}, "scl": {"block4"},
+                "full": {f"block{k}" for k in range(1, 7)}}[method]
+    assert trains == expected
+    assert {f"block{k}" for k in range(1, 7)} | {"head"} <= set(patches)
+    assert ("skip" in patches) == (method == "scl")
+    with pytest.raises(ValueError):
+        finetune_diagram(6, 7, method)
+    plt.close(ax.figure)
