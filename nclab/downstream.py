@@ -200,7 +200,7 @@ def _task_data(task: Task, size: int | None, split_name: str) -> TensorDataset:
 
 
 def backbone(s: DownstreamStudy, name: str, pretrained: bool = True) -> nn.Module:
-    """Model ``name`` of the study on :func:`nclab.device`, eval mode, cached in this process.
+    """Model ``name`` of the study on :func:`nclab.runtime.device`, eval mode, cached in this process.
     Registry names load their weights (``pretrained=False``: random init seeded with the first
     seed); small nets ``"<arch>-w<width>"`` are pre-trained on ``s.source`` for
     ``s.pretrain_epochs`` (cached on disk by :func:`nclab.pretrain.pretrain`)."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ZOO", "ZooNet", "ZooSpec", "build", "read_state_dict", "recipe_family"]
+__all__ = ["ARCHITECTURES", "ZOO", "ZooNet", "ZooSpec", "build", "read_state_dict", "recipe_family"]
 
 
 class ZooNet(nn.Module):

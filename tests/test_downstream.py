@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_every_profile_has_a_consistent_study(name):
     s = downstream.study(name)
     assert s.profile == name and s.seeds == runtime.PROFILES[name].seeds
-    assert set(s.family) <= set(s.models) or name in ("course", "paper")
+    assert set(s.family) | set(s.one_family) <= set(s.models) or name in ("course", "paper")
     for task in (*s.tasks, *s.encoder_tasks):
         assert task.dataset in data.DATASETS
     for m in (*s.models, *s.family, s.encoder):
@@ -140,3 +140,29 @@ def test_studies_compute_features_once_per_process(tiny, monkeypatch):
     ad = downstream.across_datasets(tiny)
     assert list(ad.task) == [t.name for t in tiny.encoder_tasks for _ in (0, 1)]
     assert set(ad.classes) == {5, 10, 3}
+    fits = downstream.layer_fits(lw)
+    assert len(fits) == 2 * 2 and set(fits.blocks) == {n_layers - 1}
+    assert fits.r.between(-1, 1).all() and fits.rho.between(-1, 1).all()
+    picks = downstream.layer_choice(lw)
+    assert (picks.acc_oracle >= picks.acc_nc1_pick).all()
+    inner = lw[lw.layer != "output"]
+    assert np.allclose(picks.nc1_min, inner.groupby(["init", "seed"], sort=False).nc1.min())
+
+
+def test_zoo_table_lists_recipes_and_source_accuracy():
+    table = downstream.zoo_table(downstream.study("real"))
+    assert len(table) == 23 and table.source_acc.notna().all()
+    assert set(table.recipe) == {"standard", "PGD adversarial", "mixed clean + PGD",
+                                 "provably robust"}
+    assert (table.set_index("model").recipe["convex_small_linf8"]) == "provably robust"
+
+
+def test_checked_claims_are_known():
+    for name in runtime.PROFILES:
+        assert downstream.study(name).checked <= set(downstream.CLAIMS), name
+
+
+def test_layer_seeds_default_to_the_probe_seeds():
+    real, smoke = downstream.study("real"), downstream.study("smoke")
+    assert real.layer_probe_seeds() == real.seeds[:1]  # 27-block ResNets: one split
+    assert smoke.layer_probe_seeds() == smoke.probe_seeds() == smoke.seeds
