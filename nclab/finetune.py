@@ -43,6 +43,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from nclab.features import pool_tap
 from nclab.models import (
     _block_width,
+    _input_size,
+    _norm_stats,
     _resolve_block,
     _steps,
     blocks,
@@ -615,7 +617,6 @@ def adapt_norm_stats(model: nn.Module, data, *, batch_size: int = 256, image_siz
     the batches ``b``, each layer normalising with batch statistics as in training. No parameter
     changes; momenta and the train/eval mode are restored. ``copy=False`` works in place."""
     from nclab.data import batches
-    from nclab.train import _input_size, _norm_stats  # here: nclab.train imports this module
 
     if copy:
         model = _copy.deepcopy(model)
@@ -651,7 +652,6 @@ def features_nc1(model: nn.Module, data, *, batch_size: int = 256,
     downstream *training* set, where Table 3 measures it, or the test set."""
     from nclab.data import batches
     from nclab.metrics import ClassStats, nc1
-    from nclab.train import _input_size, _norm_stats
 
     if not hasattr(model, "features"):
         raise TypeError(f"features_nc1() takes a prepared model, got {type(model).__name__}")

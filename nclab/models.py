@@ -738,6 +738,49 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
 
 
+# torchvision's ImageNet families carry no input size: they were trained at 224 px
+_TORCHVISION_224 = ("resnet", "densenet", "mobilenet_v2", "googlenet")
+
+
+def _input_size(model: nn.Module) -> int | None:
+    """The input resolution a model expects (``model.image_size``, timm's ``pretrained_cfg``, open_clip's
+    ``visual.image_size``; 224 for torchvision's ImageNet families), or None to keep the data's own
+    size. Read by :mod:`nclab.train` and :mod:`nclab.finetune` when they resize a batch."""
+    for m in (model, getattr(model, "backbone", None)):
+        if m is None:
+            continue
+        size = getattr(m, "image_size", None)
+        if size is None:
+            cfg = getattr(m, "pretrained_cfg", None) or getattr(m, "default_cfg", None)
+            if isinstance(cfg, dict) and "input_size" in cfg:
+                size = cfg["input_size"][-1]
+        if size is None and hasattr(m, "visual"):
+            size = getattr(m.visual, "image_size", None)
+        if size is not None:
+            return int(size[-1] if isinstance(size, (tuple, list)) else size)
+    try:
+        if family(getattr(model, "backbone", model)) in _TORCHVISION_224:
+            return 224
+    except TypeError:
+        pass
+    return None
+
+
+def _norm_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of a model object's input normalisation ``x_in = (x - mean) / std``: timm's
+    ``pretrained_cfg``, open_clip's ``preprocess_cfg`` / ``image_mean``, else ImageNet's (the
+    object-level counterpart of :func:`normalization`, which reads the registry by name)."""
+    for m in (model, getattr(model, "backbone", None)):
+        if m is None:
+            continue
+        for cfg in (getattr(m, "pretrained_cfg", None), getattr(m, "preprocess_cfg", None)):
+            if isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
+                return tuple(cfg["mean"]), tuple(cfg["std"])
+        if getattr(m, "image_mean", None) and getattr(m, "image_std", None):
+            return tuple(m.image_mean), tuple(m.image_std)
+    return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+
+
 def _resolve_block(model: nn.Module, block: int | None) -> tuple[int, str, nn.Module]:
     """``(k, name, module)`` for 1-based ``block`` (default: :func:`default_block`)."""
     units = blocks(model)

@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, TensorDataset, batches, normalize
+from .data import IMAGENET_MEAN, IMAGENET_STD, TensorDataset, batches, normalize  # noqa: F401 (re-exported)
 from .finetune import Truncated  # defined there (beside the other prepared forms), re-exported here
+from .models import _input_size, _norm_stats  # the model's input size and normalisation
 from .runtime import profile, seed_everything
 
 __all__ = [
@@ -84,7 +85,6 @@ TABLE4: dict[tuple[str, str], tuple[float, float]] = {
     ("cnn", "layer_lp"): (5e-2, 1e-4),
     ("vit", "layer_lp"): (1e-2, 0.0),
 }
-_TORCHVISION_224 = ("resnet", "densenet", "mobilenet_v2", "googlenet")
 _FAMILY_ALIASES = {"cnn": "cnn", "resnet": "cnn", "convnet": "cnn", "densenet": "cnn",
                    "mobilenet": "cnn", "vit": "vit", "transformer": "vit"}
 
@@ -285,45 +285,6 @@ def _tensor_batch(ds: TensorDataset, idx: torch.Tensor, dev: torch.device, size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=x.shape[-1] > size)
     return normalize(x, mean, std), y
-
-
-def _input_size(model: nn.Module) -> int | None:
-    """The input resolution a model expects (``model.image_size``, timm's ``pretrained_cfg``, open_clip's
-    ``visual.image_size``), or None to keep the data's own size."""
-    for m in (model, getattr(model, "backbone", None)):
-        if m is None:
-            continue
-        size = getattr(m, "image_size", None)
-        if size is None:
-            cfg = getattr(m, "pretrained_cfg", None) or getattr(m, "default_cfg", None)
-            if isinstance(cfg, dict) and "input_size" in cfg:
-                size = cfg["input_size"][-1]
-        if size is None and hasattr(m, "visual"):
-            size = getattr(m.visual, "image_size", None)
-        if size is not None:
-            return int(size[-1] if isinstance(size, (tuple, list)) else size)
-    try:  # torchvision's ImageNet families carry no input size: they were trained at 224 px
-        from .models import family
-
-        if family(getattr(model, "backbone", model)) in _TORCHVISION_224:
-            return 224
-    except TypeError:
-        pass
-    return None
-
-
-def _norm_stats(model: nn.Module) -> tuple[Sequence[float], Sequence[float]]:
-    """The model's input normalisation (timm ``pretrained_cfg``, open_clip ``preprocess_cfg`` /
-    ``image_mean``), else ImageNet's."""
-    for m in (model, getattr(model, "backbone", None)):
-        if m is None:
-            continue
-        for cfg in (getattr(m, "pretrained_cfg", None), getattr(m, "preprocess_cfg", None)):
-            if isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
-                return tuple(cfg["mean"]), tuple(cfg["std"])
-        if getattr(m, "image_mean", None) and getattr(m, "image_std", None):
-            return tuple(m.image_mean), tuple(m.image_std)
-    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def _num_classes(model: nn.Module, data: Any) -> int:
