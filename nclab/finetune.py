@@ -672,6 +672,23 @@ def features_nc1(model: nn.Module, data, *, batch_size: int = 256,
 
 # --------------------------------------------------------------------------- the chapter's study
 
+# the claims chapter 05 can assert (``FineTuneStudy.checked`` names those that held on every seed)
+CLAIMS: tuple[str, ...] = (
+    "nc1_ranks_methods",        # Spearman(train NC1, accuracy) over Table 3's methods <= -0.6
+    "one_block_beats_probe",    # Layer FT and SCL FT above the linear probe
+    "full_most_accurate",       # full FT the most accurate of Table 3's methods
+    "scl_beats_layer",          # SCL FT more accurate than Layer FT
+    "second_one_block_beats_probe",   # the same two on the second network
+    "second_full_most_accurate",
+    "scarce_one_block_beats_probe",   # Fig. 8: at every data size
+    "scarce_full_not_below_probe",    # Fig. 8: full FT never below the linear probe
+    "lowest_nc1_block_is_best",       # Fig. 14: the block of lowest NC1 is the most accurate
+)
+
+# methods whose frozen prefix a study trains from a cache (``FineTuneStudy.cache``)
+_CACHEABLE = ("linear", "mlp", "layer", "scl", "layer_lora", "layer_lp", "blocks")
+
+
 
 @dataclass(frozen=True)
 class FineTuneStudy:
@@ -704,8 +721,71 @@ class FineTuneStudy:
     per_class: int | None = None
     cache: bool = False
     second: str | None = None
+    second_block: int | None = None
     sweep_seeds: tuple[int, ...] = (0,)
     checked: tuple[str, ...] = ()
+
+    def tuned_block(self, backbone: nn.Module, *, second: bool = False) -> int:
+        """Block k of Table 3 for ``backbone``: ``block`` (``second_block`` for the second
+        network), else :func:`nclab.models.default_block` (``layer3.0`` of a ResNet)."""
+        from nclab.models import default_block
+
+        k = self.second_block if second else self.block
+        return k if k is not None else default_block(backbone)
+
+    def adapt(self, backbone: nn.Module, data) -> nn.Module:
+        """The backbone every method starts from on ``data``: with ``cache`` its BatchNorm
+        statistics re-estimated on ``data`` (:func:`adapt_norm_stats`, the paper's App. E: the
+        normalisation layers adapt for every method), else ``backbone`` itself (then they update
+        during training)."""
+        if not self.cache:
+            return backbone
+        return adapt_norm_stats(backbone, data, batch_size=self.batch_size,
+                                image_size=self.image_size)
+
+    def run(self, backbone: nn.Module, method: str, train, test, *, block=None, seed: int = 0,
+            epochs: int | None = None, train_nc1: bool = False, **fit_kwargs: Any) -> dict[str, Any]:
+        """One experiment with this study's recipe (:func:`nclab.train.run_method`: epochs,
+        batch size, image size, LoRA rank, cached prefix for the frozen-prefix methods). With
+        ``train_nc1`` the row also holds ``train_nc1``, NC1 of the classifier's input on
+        ``train`` (:func:`features_nc1`; ``nc1`` is the test set's). The trained model is not
+        kept in the row."""
+        from nclab.train import run_method
+
+        epochs = epochs or self.epochs
+        if method == "layer_lora":
+            fit_kwargs.setdefault("prepare_kwargs", {"lora_rank": self.lora_rank})
+        if self.cache and method in _CACHEABLE:
+            fit_kwargs.setdefault("cache_prefix", True)
+        fit_kwargs.setdefault("eval_every", epochs)
+        fit_kwargs.setdefault("progress", False)
+        row = run_method(backbone, method, train, test, epochs, num_classes=train.num_classes,
+                         block=self.tuned_block(backbone) if block is None else block, seed=seed,
+                         batch_size=self.batch_size, image_size=self.image_size, **fit_kwargs)
+        model = row.pop("model")
+        if train_nc1:
+            row["train_nc1"] = features_nc1(model, train, batch_size=self.batch_size,
+                                            image_size=self.image_size)
+        return row
+
+    def load_second(self) -> nn.Module | None:
+        """The second pre-trained network (``second``), None if the study has none. ``smoke``:
+        a shallower, wider ``convnet_s`` pre-trained on digits 0-4 like the first."""
+        if self.second is None:
+            return None
+        from nclab.models import load_backbone
+
+        if self.profile != "smoke":
+            return load_backbone(self.second)
+        from nclab.data import class_subset, digits
+        from nclab.pretrain import pretrain
+        from nclab.runtime import profile as get_profile
+
+        source = class_subset(digits("train", size=16), range(5))
+        torch.manual_seed(1)
+        net = load_backbone("convnet_s", pretrained=False, width=12, depth=4)
+        return pretrain(net, source, epochs=get_profile("smoke").pretrain_epochs, seed=1,
+                        progress=False)
 
     def sweep(self, num_blocks: int) -> list[int]:
         """Blocks tuned one at a time (Figs. 9a, 14): every ``sweep_step``-th block, the tuned
@@ -766,12 +846,13 @@ def study(profile=None) -> FineTuneStudy:
     if prof.name == "smoke":
         return FineTuneStudy(**common, backbone="convnet_s", downstream="digits", block=4,
                              lora_rank=4, tune_sweep=(1, 3, 5), sweep_step=1,
-                             sweep_seeds=prof.seeds,
-                             checked=("full_most_accurate", "full_not_below_probe"))
+                             second="convnet_s", second_block=3, sweep_seeds=prof.seeds,
+                             checked=())
     if prof.name == "real":
         return FineTuneStudy(**common, backbone=prof.models[0], downstream=prof.downstream[0],
                              lora_rank=8, tune_sweep=(1, 4, 7), per_class=50, cache=True,
                              second="pyhessian_resnet20", sweep_seeds=prof.seeds,
-                             checked=("full_most_accurate", "scl_beats_layer"))
+                             checked=())
     return FineTuneStudy(**common, backbone="resnet50", downstream=prof.downstream[0], block=8,
-                         image_size=prof.image_size, per_class=prof.max_train_per_class)
+                         image_size=prof.image_size, per_class=prof.max_train_per_class,
+                         second="resnet18")

@@ -8,6 +8,7 @@ CPU, one thread.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -119,7 +120,8 @@ def test_study_per_profile():
     assert real.backbone == "resnet20" and real.cache and real.per_class == 50
     assert real.second is not None and real.second != real.backbone
     assert real.sweep_seeds == PROFILES["real"].seeds
-    assert course.backbone == "resnet50" and course.block == 8 and course.second is None
+    assert course.backbone == "resnet50" and course.block == 8 and course.second == "resnet18"
+    assert smoke.second_block == 3
     # real: the first block of each of ResNet-20's three stages and the last two
     assert real.sweep(9) == [1, 4, 7, 8, 9]
     assert real.many(9) == [2, 3, 6]
@@ -129,6 +131,27 @@ def test_study_per_profile():
     for s in (smoke, real, course):
         assert s.epochs == PROFILES[s.profile].finetune_epochs
         assert s.seeds == PROFILES[s.profile].seeds
+        assert set(s.checked) <= set(FT.CLAIMS), set(s.checked) - set(FT.CLAIMS)
+
+
+def test_study_adapt_run_and_tuned_block(backbone):
+    """``adapt`` re-estimates BatchNorm statistics only for a cached study; ``run`` trains
+    with the study's recipe and adds training-set NC1; ``tuned_block`` is layer3.0."""
+    real = FT.study(PROFILES["real"])
+    assert real.tuned_block(backbone) == 7
+    smoke = FT.study(PROFILES["smoke"])
+    assert smoke.tuned_block(backbone) == 4 and smoke.tuned_block(backbone, second=True) == 3
+    train, test = _data(shift=60), _data(seed=3)
+    assert smoke.adapt(backbone, train) is backbone
+    adapted = real.adapt(backbone, train)
+    assert adapted is not backbone
+    assert not torch.allclose(adapted.bn1.running_mean, backbone.bn1.running_mean, atol=1e-3)
+    study = dataclasses.replace(real, epochs=1, batch_size=8)
+    row = study.run(adapted, "layer", train, test, seed=0, train_nc1=True)
+    assert "model" not in row and row["block"] == 7 and row["history"].config
+    assert row["train_nc1"] > 0 and row["train_nc1"] != pytest.approx(row["nc1"], rel=1e-3)
+    lora = study.run(adapted, "layer_lora", train, test, seed=0)
+    assert 0 < lora["params_percent"] < row["params_percent"]
 
 
 @pytest.mark.parametrize("method", ["linear", "layer", "scl", "full"])
