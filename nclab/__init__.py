@@ -8,7 +8,9 @@ runtime helpers are re-exported here; the rest lives in its submodule (``nclab.f
 from __future__ import annotations
 
 from . import (  # noqa: F401  (submodules are part of the public API)
+    accumulators,
     collapse,
+    correlation,
     data,
     features,
     fewshot,
@@ -23,7 +25,6 @@ from . import (  # noqa: F401  (submodules are part of the public API)
     probe,
     recompute,
     runtime,
-    stats,
     train,
     transfer,
     widgets,

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .correlation import bootstrap_ci, pearson, spearman
 from .data import TensorDataset, batches, class_subset, load_tensors
 from .features import extract
 from .metrics import nc1
 from .models import BACKBONES, blocks, load_backbone, normalization
 from .probe import linear_probe
 from .runtime import Profile, device, seed_everything
-from .stats import bootstrap_ci, pearson, spearman
 from .transfer import h_score, logme
 from .zoo import recipe_family
 

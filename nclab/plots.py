@@ -35,7 +35,7 @@ def scatter_fit(
     (in ``log10 x`` when ``logx``) and its Pearson r and r² in the legend."""
     import seaborn as sns
 
-    from .stats import linear_fit
+    from .correlation import linear_fit
 
     ax = _axes(ax)
     sns.scatterplot(data=data, x=x, y=y, hue=hue, style=style, ax=ax, s=60)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ._checks import features_labels
-from .stats import kendall, pearson, spearman, weighted_kendall
+from .correlation import kendall, pearson, spearman, weighted_kendall
 
 __all__ = ["h_score", "logme", "log_evidence", "LogME", "rank_agreement", "RankAgreement"]
 

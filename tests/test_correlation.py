@@ -1,11 +1,11 @@
-"""nclab.stats against scipy / NumPy float64 references and known answers."""
+"""nclab.correlation against scipy / NumPy float64 references and known answers."""
 
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 
-from nclab.stats import (
+from nclab.correlation import (
     bootstrap_ci,
     kendall,
     linear_fit,
