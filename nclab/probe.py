@@ -9,10 +9,18 @@ The linear probe minimises
 
 (the bias is not penalised), full batch, with L-BFGS and a strong-Wolfe line search. This is
 scikit-learn's ``LogisticRegression(C=1 / (2 N weight_decay))`` objective divided by ``C N``.
+
+Degenerate inputs: a training set with a single class raises ``ValueError``; test classes that
+the training set never holds are scored (they can never be predicted) with a ``UserWarning`` that
+names them and their share of the test set; an empty test set gives ``test_acc = nan`` with a
+``UserWarning``. Feature rows with NaN/inf raise ``ValueError``, in ``predict`` too.
 """
 
 from __future__ import annotations
 
+import math
+import operator
+import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,10 +54,21 @@ class ProbeResult:
 
     @torch.no_grad()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits ``model((h − mean) / std)`` of raw features ``h`` (N, d); ``ValueError`` for a
+        wrong width or NaN/inf rows."""
+        h = torch.as_tensor(h)
+        d = self.mean.shape[0]
+        if h.ndim != 2 or h.shape[1] != d:
+            raise ValueError(f"predict: features must be (N, {d}) like the probe's training features, "
+                             f"got shape {tuple(h.shape)}")
+        bad = (~torch.isfinite(h)).any(1).sum().item() if h.is_floating_point() else 0
+        if bad:
+            raise ValueError(f"predict: {bad} feature rows contain NaN/inf; drop or fix them first")
         dev = self.mean.device
         return self.model(((h.to(dev).float()) - self.mean) / self.std)
 
     def predict(self, h: torch.Tensor) -> torch.Tensor:
+        """Predicted labels ``argmax_k logits(h)_k`` (N,) of raw features ``h`` (N, d)."""
         return self.logits(h).argmax(1)
 
 
@@ -76,7 +95,37 @@ def sklearn_C(weight_decay: float, n: int) -> float:
     return 1.0 / (2.0 * n * weight_decay)
 
 
+def _num_classes(num_classes) -> int | None:
+    """``num_classes`` as a Python int >= 1 (NumPy/torch integers accepted, bool refused)."""
+    if num_classes is None:
+        return None
+    if isinstance(num_classes, bool) or (isinstance(num_classes, torch.Tensor)
+                                         and num_classes.dtype == torch.bool):
+        raise TypeError(f"num_classes must be an integer, got bool {num_classes}")
+    try:
+        k = operator.index(num_classes)
+    except TypeError:
+        raise TypeError(f"num_classes must be an integer, got {type(num_classes).__name__} "
+                        f"{num_classes!r}") from None
+    if k < 1:
+        raise ValueError(f"num_classes must be >= 1, got {k}")
+    return k
+
+
+def _finite(value, name: str, positive: bool) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` when it is NaN/inf, negative (or
+    zero with ``positive``) or not a number."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, bool) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+    return v
+
+
 def _prepare(train_feats, train_y, test_feats, test_y, device, num_classes):
+    num_classes = _num_classes(num_classes)
     train_feats, train_y = features_labels(train_feats, train_y, "train")
     test_feats, test_y = features_labels(test_feats, test_y, "test")
     if train_feats.shape[1] != test_feats.shape[1]:
@@ -84,6 +133,20 @@ def _prepare(train_feats, train_y, test_feats, test_y, device, num_classes):
                          f"{test_feats.shape[1]}")
     if len(train_y) < 2:
         raise ValueError("need at least 2 training samples")
+    seen = torch.unique(train_y)
+    if len(seen) < 2:
+        raise ValueError(f"the training labels hold a single class ({int(seen[0])}); a probe needs "
+                         f"samples of at least 2 classes")
+    if len(test_y) == 0:
+        warnings.warn("the test set is empty: test_acc is nan", UserWarning, stacklevel=3)
+    else:
+        unseen = torch.unique(test_y)[~torch.isin(torch.unique(test_y), seen)]
+        if len(unseen):
+            share = float(torch.isin(test_y, unseen).float().mean())
+            names = unseen.tolist()
+            warnings.warn(f"test classes {names[:20]}{' ...' if len(names) > 20 else ''} "
+                          f"({len(names)} classes, {share:.1%} of the test samples) never occur in "
+                          f"the training set: the probe cannot predict them", UserWarning, stacklevel=3)
     dev = torch.device(device) if device is not None else train_feats.device
     k = int(max(train_y.max(), test_y.max() if len(test_y) else 0)) + 1
     if num_classes is not None:
@@ -123,8 +186,7 @@ def linear_probe(
     """Multinomial logistic regression on standardised features (objective in the module docstring),
     full batch, up to ``max_iter`` L-BFGS iterations (stops earlier when the gradient's largest entry
     falls below ``tol``). Runs on ``device`` (default: the training features' device)."""
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    weight_decay = _finite(weight_decay, "weight_decay", positive=False)
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     ztr, ytr, zte, yte, mean, std, k = _prepare(train_feats, train_y, test_feats, test_y,
@@ -171,6 +233,17 @@ def mlp_probe(
     the same ``seed`` gives the same probe."""
     if hidden < 1 or epochs < 1:
         raise ValueError(f"hidden and epochs must be >= 1, got hidden={hidden}, epochs={epochs}")
+    weight_decay = _finite(weight_decay, "weight_decay", positive=False)
+    lr = _finite(lr, "lr", positive=True)
+    if batch_size is not None:
+        try:
+            bs_ok = not isinstance(batch_size, bool) and operator.index(batch_size) >= 1
+        except TypeError:
+            bs_ok = False
+        if not bs_ok:
+            raise ValueError(f"batch_size must be None (full batch) or an integer >= 1, "
+                             f"got {batch_size!r}")
+        batch_size = operator.index(batch_size)
     ztr, ytr, zte, yte, mean, std, k = _prepare(train_feats, train_y, test_feats, test_y,
                                                 device, num_classes)
     gen = torch.Generator().manual_seed(seed)

@@ -105,3 +105,65 @@ def test_probe_layers_matches_its_parts():
     assert row.nc1 == pytest.approx(nc1(f["features.1"].double(), y), rel=1e-9)
     assert row.test_acc == linear_probe(f["features.1"], y, g["features.1"], yt).test_acc
     assert row.h_score == pytest.approx(h_score(f["features.1"], y), rel=1e-9)
+
+
+def test_probe_warns_on_test_classes_absent_from_training():
+    htr, ytr, hte, yte = _problem(k=4, d=8)
+    keep = ytr != 2
+    with pytest.warns(UserWarning, match=r"test classes \[2\].*never occur in the training set"):
+        res = linear_probe(htr[keep], ytr[keep], hte, yte)
+    assert res.weight.shape[0] == 4  # the head still spans every label seen in either split
+    assert (res.predict(hte) != 2).all()
+
+
+def test_probe_single_class_training_set_and_empty_test_set():
+    htr, ytr, hte, yte = _problem(k=4, d=8)
+    one = ytr == 1
+    with pytest.raises(ValueError, match=r"single class \(1\)"):
+        linear_probe(htr[one], ytr[one], hte, yte)
+    with pytest.raises(ValueError, match=r"single class \(1\)"):
+        mlp_probe(htr[one], ytr[one], hte, yte, hidden=8, epochs=1)
+    with pytest.warns(UserWarning, match="test set is empty"):
+        res = linear_probe(htr, ytr, hte[:0], yte[:0], max_iter=5)
+    assert np.isnan(res.test_acc) and 0 <= res.train_acc <= 1
+
+
+def test_predict_checks_width_and_nan_rows():
+    htr, ytr, hte, yte = _problem(k=3, d=6)
+    res = linear_probe(htr, ytr, hte, yte, max_iter=20)
+    with pytest.raises(ValueError, match=r"\(N, 6\).*got shape \(\d+, 5\)"):
+        res.predict(hte[:, :5])
+    with pytest.raises(ValueError, match=r"\(N, 6\)"):
+        res.predict(hte[0])
+    bad = hte.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="1 feature rows contain NaN"):
+        res.predict(bad)
+
+
+@pytest.mark.parametrize("kw, name", [(dict(batch_size=0), "batch_size"),
+                                      (dict(batch_size=2.5), "batch_size"),
+                                      (dict(weight_decay=float("nan")), "weight_decay"),
+                                      (dict(weight_decay=-1.0), "weight_decay"),
+                                      (dict(lr=float("inf")), "lr"), (dict(lr=0.0), "lr")])
+def test_mlp_probe_argument_errors(kw, name):
+    htr, ytr, hte, yte = _problem(k=3, d=6)
+    with pytest.raises(ValueError, match=name):
+        mlp_probe(htr, ytr, hte, yte, hidden=8, epochs=1, **kw)
+
+
+def test_linear_probe_weight_decay_nan_and_num_classes_types():
+    htr, ytr, hte, yte = _problem(k=3, d=6)
+    with pytest.raises(ValueError, match="weight_decay"):
+        linear_probe(htr, ytr, hte, yte, weight_decay=float("nan"))
+    a = linear_probe(htr, ytr, hte, yte, num_classes=np.int64(5), max_iter=20)
+    b = linear_probe(htr, ytr, hte, yte, num_classes=5, max_iter=20)
+    assert a.weight.shape == (5, 6) and torch.equal(a.weight, b.weight)
+    assert mlp_probe(htr, ytr, hte, yte, hidden=8, epochs=1, num_classes=np.int32(4),
+                     batch_size=np.int64(8)).weight.shape == (4, 8)
+    with pytest.raises(TypeError, match="num_classes.*bool"):
+        linear_probe(htr, ytr, hte, yte, num_classes=True)
+    with pytest.raises(TypeError, match="num_classes"):
+        linear_probe(htr, ytr, hte, yte, num_classes=3.0)
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        linear_probe(htr, ytr, hte, yte, num_classes=0)
