@@ -25,6 +25,7 @@ launches. Many feature sets with shared labels (the layer taps of one forward pa
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -91,11 +92,23 @@ def _raise_bad(h: torch.Tensor, y: torch.Tensor, k: int, nonfinite: int, bad_y: 
         )
 
 
+def _num_classes(num_classes) -> int:
+    """``num_classes`` as a Python int >= 1: NumPy/torch integers accepted, bool and floats refused."""
+    if isinstance(num_classes, bool) or (isinstance(num_classes, torch.Tensor)
+                                         and num_classes.dtype == torch.bool):
+        raise ValueError(f"num_classes must be a positive int, got bool {num_classes!r}")
+    try:
+        k = operator.index(num_classes)
+    except TypeError:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}") from None
+    if k < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return k
+
+
 def _infer_k(y: torch.Tensor, num_classes: int | None) -> int:
     if num_classes is not None:
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        return num_classes
+        return _num_classes(num_classes)
     if len(y) == 0:
         raise ValueError("no samples: cannot infer num_classes from empty labels")
     return int(y.max()) + 1
@@ -187,8 +200,7 @@ class ClassStats:
     ) -> None:
         if check not in ("auto", "eager", "deferred"):
             raise ValueError(f"check must be 'auto', 'eager' or 'deferred', got {check!r}")
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = _num_classes(num_classes)
         if dim is not None and (not isinstance(dim, int) or dim < 1):
             raise ValueError(f"dim must be a positive int or None, got {dim!r}")
         if second_moments and low_memory:
@@ -226,17 +238,20 @@ class ClassStats:
 
     @property
     def counts(self) -> torch.Tensor | None:
-        """n_k per class (K,), float64."""
+        """n_k per class (K,), float64 (raises first a pending deferred error, see ``check``)."""
+        self.check()
         return None if self._acc is None else self._acc[:, self.dim]
 
     @property
     def sums(self) -> torch.Tensor | None:
-        """sum_{i in k} h_i per class (K, d), float64."""
+        """sum_{i in k} h_i per class (K, d), float64 (raises first a pending deferred error)."""
+        self.check()
         return None if self._acc is None else self._acc[:, : self.dim]
 
     @property
     def sq_norms(self) -> torch.Tensor | None:
-        """sum_{i in k} ||h_i||^2 per class (K,), float64."""
+        """sum_{i in k} ||h_i||^2 per class (K,), float64 (raises first a pending deferred error)."""
+        self.check()
         return None if self._acc is None else self._acc[:, self.dim + 1]
 
     def reset(self) -> ClassStats:
@@ -323,7 +338,7 @@ class ClassStats:
         if h.shape[0] == 0:
             return self
         self.check()  # a previous batch's deferred error fires first
-        if self.counts is None:
+        if self._acc is None:
             self._allocate(h.shape[1], h.device)
         d, k = h.shape[1], self.num_classes
         y = y.long()
@@ -436,13 +451,17 @@ class ClassStats:
 
     @torch.no_grad()
     def merge(self, other: ClassStats) -> ClassStats:
-        """Add ``other``'s statistics into ``self`` in place (moved to ``self``'s device)."""
+        """Add ``other``'s statistics into ``self`` in place (moved to ``self``'s device). Merging an
+        object into itself is refused (it would double every count)."""
+        self._compatible(other)
+        if other is self:
+            raise ValueError("cannot merge a ClassStats into itself (every count would double); "
+                             "merge a copy or another object")
         self.check()
         other.check()
-        self._compatible(other)
-        if other.counts is None:
+        if other._acc is None:
             return self
-        if self.counts is None:
+        if self._acc is None:
             self._allocate(other.dim, self.device if self.device is not None else other.device)
         for name, t in other._tensors().items():
             getattr(self, name).add_(t.to(self.device))
@@ -470,7 +489,7 @@ class ClassStats:
             return self
         if self.dim is not None and self.dim != dim:
             raise ValueError(f"ranks disagree on the feature width: {self.dim} here, {dim} elsewhere")
-        if self.counts is None:
+        if self._acc is None:
             self._allocate(dim, dev)
         for t in self._tensors().values():
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
@@ -508,8 +527,7 @@ class ClassStatsGroup:
                  names: Iterable[str] | None = None) -> None:
         if check not in ("auto", "eager", "deferred"):
             raise ValueError(f"check must be 'auto', 'eager' or 'deferred', got {check!r}")
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = _num_classes(num_classes)
         self.num_classes = num_classes
         self.device = _normalize_device(device) if device is not None else None
         self.low_memory = low_memory

@@ -224,6 +224,9 @@ def _sigma_b_eig(m_tilde: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torc
     Fast path: eigh of the K' x K' Gram M~ M~^T on the CPU (tiny), U = M~^T V / s. When the kept
     spectrum spans more than 1e6 (where the Gram's squared condition number would cost digits)
     the thin SVD of M~ itself is used instead."""
+    if not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 <= rtol < 1):
+        raise ValueError(f"rtol must be a number in [0, 1) (relative eigenvalue cut-off of Sigma_B), "
+                         f"got {rtol!r}")
     k = m_tilde.shape[0]
     m_cpu = m_tilde.cpu()
     evals, evecs = torch.linalg.eigh(m_cpu @ m_cpu.T)
@@ -374,6 +377,9 @@ def _power_top_eig(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Ten
             if abs(lam - lam_prev) <= tol * abs(lam):
                 return lam
             lam_prev = lam
+    warnings.warn(f"numerical_rank: power iteration did not converge to tol={tol} within "
+                  f"max_iter={max_iter} steps; the spectral norm (and the rank) is approximate, "
+                  f"raise max_iter", UserWarning, stacklevel=3)
     return float((v * matvec(v)).sum())
 
 
@@ -389,7 +395,9 @@ def numerical_rank(
     """Numerical rank (paper App. D): (1/K) sum_k ||H_k||_F^2 / ||H_k||_2^2 over each class's
     uncentred feature matrix H_k; the spectral norm comes from power iteration (relative change of
     the Rayleigh quotient <= ``tol``, at most ``max_iter`` steps). Takes features, or a
-    ``ClassStats(..., second_moments=True)``."""
+    ``ClassStats(..., second_moments=True)``. An unconverged power iteration warns."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
     gen = torch.Generator().manual_seed(0)
     if isinstance(x, ClassStats):
         if num_classes is not None and num_classes != x.num_classes:
