@@ -562,6 +562,13 @@ def ncc_agreement(
     _check_features(features)
     _check_labels(labels, features.shape[0])
     _check_same_device(features, labels)
+    d = features.shape[1]
+    if not isinstance(W, torch.Tensor) or W.ndim != 2 or W.shape[1] != d:
+        raise ValueError(f"W must be (K, {d}) for features of width {d}, got "
+                         f"{tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__}")
+    if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (W.shape[0],)):
+        raise ValueError(f"b must be ({W.shape[0]},) like W's rows, got "
+                         f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
     k = W.shape[0] if num_classes is None else num_classes
     if isinstance(means, ClassStats):
         mu = means.means
@@ -569,6 +576,8 @@ def ncc_agreement(
         mu = class_means(features, labels, num_classes=k)
     else:
         mu = means.to(_F64)
+        if mu.ndim != 2 or mu.shape[1] != d:
+            raise ValueError(f"means must be (K, {d}) for features of width {d}, got {tuple(mu.shape)}")
     if mu.shape[0] != W.shape[0]:
         raise ValueError(f"{mu.shape[0]} class means but W has {W.shape[0]} rows")
     mu = mu.to(features.device)

@@ -75,3 +75,18 @@ def test_numerical_rank_warns_when_unconverged():
     with pytest.raises(ValueError, match="max_iter"):
         numerical_rank(h, y, max_iter=-1)
     assert 1.0 <= ref <= 12.0
+
+
+def test_ncc_agreement_checks_shapes():
+    from nclab.metrics import ncc_agreement
+
+    h, y = _data(d=6)
+    w = torch.randn(3, 6, dtype=torch.float64)
+    ok = ncc_agreement(h, y, w, torch.zeros(3))
+    assert 0.0 <= ok <= 1.0
+    with pytest.raises(ValueError, match=r"W must be \(K, 6\).*\(3, 7\)"):
+        ncc_agreement(h, y, torch.randn(3, 7))
+    with pytest.raises(ValueError, match=r"b must be \(3,\).*\(4,\)"):
+        ncc_agreement(h, y, w, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"means must be \(K, 6\)"):
+        ncc_agreement(h, y, w, means=torch.zeros(3, 5))
