@@ -34,6 +34,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,6 +302,15 @@ def _num_classes(model: nn.Module, data: Any) -> int:
     return int(k)
 
 
+def _check_label_range(y: torch.Tensor, num_classes: int, what: str) -> None:
+    """``ValueError`` naming the label range and the head width when a label lies outside [0, K)."""
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{what} labels span [{lo}, {hi}] but the model's head has {num_classes} "
+                         f"outputs (labels must lie in [0, {num_classes})): prepare the model with "
+                         f"num_classes={max(hi + 1, num_classes)} or remap the labels")
+
+
 def _to_device(x: torch.Tensor, y: torch.Tensor, dev: torch.device, channels_last: bool):
     x = x.to(dev, non_blocking=True)
     y = torch.as_tensor(y).to(dev, non_blocking=True)
@@ -470,12 +480,25 @@ def _evaluate(model: nn.Module, test: Any, dev: torch.device, d: _Dist, num_clas
         for s in layer_stats.values():
             s.sync()
     n = float(totals[2])
-    return {
+    undefined: list[str] = []
+
+    def nc1_or_nan(stats: Any, what: str) -> float:
+        try:
+            return float(nc1(stats))
+        except ValueError as err:  # degenerate evaluation: a class absent, coinciding means...
+            undefined.append(f"{what}: {err}")
+            return math.nan
+
+    record = {
         "test_loss": float(totals[0]) / n,
         "test_acc": float(totals[1]) / n,
-        "nc1": float(nc1(pen)),
-        "layer_nc1": {name: float(nc1(s)) for name, s in layer_stats.items()} if layers else None,
+        "nc1": nc1_or_nan(pen, "penultimate"),
+        "layer_nc1": {name: nc1_or_nan(s, name) for name, s in layer_stats.items()} if layers else None,
     }
+    if undefined and d.main:
+        warnings.warn("NC1 is undefined on this evaluation, recorded as NaN; training goes on ("
+                      + "; ".join(undefined) + ")", UserWarning, stacklevel=3)
+    return record
 
 
 # --------------------------------------------------------------------------- cached prefix
@@ -613,6 +636,9 @@ def fit(
     size = image_size if image_size is not None else _input_size(model)
     mean, std = _norm_stats(model)
     num_classes = _num_classes(model, test if test is not None else train)
+    for what, data in (("train", train), ("test", test)):
+        if isinstance(data, TensorDataset) and len(data.y):
+            _check_label_range(data.y, num_classes, what)
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -708,6 +734,8 @@ def fit(
             for i, (x, y) in enumerate(loader):
                 if i >= steps_per_epoch:
                     break
+                if not isinstance(train, TensorDataset) and not torch.as_tensor(y).is_cuda:
+                    _check_label_range(torch.as_tensor(y), num_classes, "train")  # host: no sync
                 x, y = _to_device(x, y, dev, channels_last)
                 for g in optimizer.param_groups:
                     g["lr"] = cosine_lr(step, total_steps, lr, floor)

@@ -485,3 +485,43 @@ def test_out_of_memory_suggests_a_batch_size():
         T.fit(Exploding(), _data(per_class=8), None, epochs=1, lr=0.05, weight_decay=0,
               batch_size=32, progress=False)
     assert isinstance(err.value.__cause__, T._OOM)
+
+
+# --------------------------------------------------------------------------- issue 21: degenerate runs
+def test_test_set_missing_a_class_records_nan_nc1_and_keeps_training(tmp_path):
+    import warnings
+
+    from nclab.data import TensorDataset
+
+    train, full = _data(per_class=8, seed=0), _data(per_class=4, seed=1)
+    keep = full.y != 2
+    test = TensorDataset(full.x[keep], full.y[keep])
+    ckpt = tmp_path / "run.pt"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hist = T.fit(_tiny(), train, test, epochs=2, lr=0.05, weight_decay=0, batch_size=8,
+                     checkpoint=ckpt, progress=False)
+    msgs = [str(w.message) for w in caught if "NC1 is undefined" in str(w.message)]
+    assert len(msgs) == 2  # one per evaluation, not a cascade
+    assert "penultimate" in msgs[0] and "no samples" in msgs[0]
+    assert [r["epoch"] for r in hist.records] == [1, 2]
+    assert all(math.isnan(r["nc1"]) and 0 <= r["test_acc"] <= 1 for r in hist.records)
+    assert T.load_checkpoint(ckpt)["epoch"] == 2
+
+
+def test_labels_outside_the_head_fail_before_the_first_step():
+    from nclab.data import TensorDataset
+
+    data = _data(per_class=4)  # labels 0..2
+    model = _tiny(k=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"train labels span \[0, 2\] but the model's head has 2 outputs"):
+        T.fit(model, data, None, epochs=1, lr=0.05, weight_decay=0, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    two = TensorDataset(data.x[data.y < 2], data.y[data.y < 2])
+    with pytest.raises(ValueError, match=r"test labels span \[0, 2\].*2 outputs"):
+        T.fit(_tiny(k=2), two, data, epochs=1, lr=0.05, weight_decay=0, progress=False)
+    x = normalize(data.x)
+    loader = [(x[i:i + 4], data.y[i:i + 4]) for i in range(0, len(x), 4)]  # generic: checked per batch
+    with pytest.raises(ValueError, match=r"train labels span \[2, 2\] but the model's head has 2"):
+        T.fit(_tiny(k=2), loader, None, epochs=1, lr=0.05, weight_decay=0, progress=False)
