@@ -30,6 +30,8 @@ syncs accuracy and class statistics across them; only rank 0 shows progress and 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import random
@@ -59,6 +61,7 @@ __all__ = [
     "fit",
     "History",
     "NonFiniteLossError",
+    "CheckpointError",
     "load_checkpoint",
     "layer_lp",
     "tune_blocks",
@@ -366,27 +369,82 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: unreadable, truncated, empty, not a checkpoint, or
+    its SHA-256 does not match its payload. The message names the file and what to do."""
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """Write ``obj`` to ``path`` so that a crash leaves either the old or the new file: save into a
-    temporary file in the same folder, flush it to disk, then ``os.replace`` it over ``path``."""
+    """Write ``obj`` to ``path`` so that a crash leaves a usable checkpoint: the payload (``torch.save``
+    bytes) is stored with its SHA-256 in a temporary file in the same folder, flushed to disk, read
+    back and verified; only then the current file becomes ``<path>.prev`` and the new one ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            torch.save({"format": "nclab-checkpoint-1", "sha256": hashlib.sha256(payload).hexdigest(),
+                        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}, f)
             f.flush()
             os.fsync(f.fileno())
+        _read_verified(tmp)  # raises CheckpointError if what reached the disk is not what we wrote
+        if path.exists():
+            os.replace(path, _previous(path))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+def _remove_stale_tmp(path: Path) -> None:
+    """Delete ``<path>.tmp<pid>`` files left by a killed run (not this process's)."""
+    mine = path.name + f".tmp{os.getpid()}"
+    for old in path.parent.glob(path.name + ".tmp*"):
+        if old.name != mine and old.name[len(path.name) + 4:].isdigit():
+            old.unlink(missing_ok=True)
+
+
+def _read_verified(path: Path) -> dict[str, Any]:
+    what_to_do = ("delete it (and resume from its .prev file, if any) or start without resume=True")
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err})") from err
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (a write was interrupted?): {what_to_do}")
+    try:
+        outer = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, random bytes, pickle refused by weights_only...
+        raise CheckpointError(f"checkpoint {path} is not a readable checkpoint (truncated or "
+                              f"damaged: {type(err).__name__}: {str(err)[:200]}): {what_to_do}") from err
+    if not (isinstance(outer, dict) and outer.get("format") == "nclab-checkpoint-1"
+            and isinstance(outer.get("payload"), torch.Tensor) and isinstance(outer.get("sha256"), str)):
+        raise CheckpointError(f"checkpoint {path} was not written by nclab.train.fit (no SHA-256 "
+                              f"payload): {what_to_do}")
+    payload = outer["payload"].numpy().tobytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != outer["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is damaged: SHA-256 of its payload is {digest[:12]}..., "
+                              f"stored {outer['sha256'][:12]}...: {what_to_do}")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} holds an unreadable payload ({type(err).__name__}): "
+                              f"{what_to_do}") from err
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint written by :func:`fit`, loaded with ``torch.load(weights_only=True)``: keys
-    ``model``, ``optimizer`` (state dicts), ``epoch`` (epochs done), ``step``, ``rng``, ``history``
-    (list of records), ``config``."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """A checkpoint written by :func:`fit`, its SHA-256 verified, loaded with
+    ``torch.load(weights_only=True)``: keys ``model``, ``optimizer`` (state dicts), ``epoch`` (epochs
+    done), ``step``, ``rng``, ``history`` (list of records), ``config``. Any unreadable, truncated,
+    empty or mismatched file raises :class:`CheckpointError` naming it."""
+    return _read_verified(Path(path))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -582,8 +640,14 @@ def fit(
     data. ``frozen_prefix_stats=True`` applies the same freeze without the cache (for a fair speed or
     accuracy comparison); it defaults to ``cache_prefix``.
 
-    ``checkpoint``: a file written atomically after every epoch; ``resume=True`` continues from it
-    (if it exists) with the same result as an uninterrupted run. ``callback(record)`` runs after each
+    ``checkpoint``: a file written atomically after every epoch, with a SHA-256 of its payload that
+    is verified on disk before the previous one moves to ``<checkpoint>.prev``; stale
+    ``<checkpoint>.tmp<pid>`` files of killed runs are removed on start. ``resume=True`` continues
+    from it (if it exists) with the same result as an uninterrupted run; a damaged latest file falls
+    back to ``.prev`` with a warning, and an unusable one raises :class:`CheckpointError`.
+    A degenerate evaluation (a class absent from ``test``, coinciding class means) records NaN for
+    the undefined NC1 with one warning per evaluation, and training goes on. Labels outside
+    ``[0, head width)`` raise ``ValueError`` before the first step. ``callback(record)`` runs after each
     epoch's checkpoint. ``seed`` seeds torch/NumPy/Python and the batch order.
 
     Memory: a model prepared with ``recompute_frozen=True`` (or with ``model.recompute_frozen = True``)
@@ -684,11 +748,25 @@ def fit(
     history = History(config=config)
     start_epoch, step = 0, 0
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if ckpt_path is not None and d.main and ckpt_path.parent.exists():
+        _remove_stale_tmp(ckpt_path)
     if resume:
         if ckpt_path is None:
             raise ValueError("resume=True needs checkpoint=<path>")
+        prev = _previous(ckpt_path)
+        state = None
         if ckpt_path.exists():
-            state = load_checkpoint(ckpt_path)
+            try:
+                state = load_checkpoint(ckpt_path)
+            except CheckpointError as err:
+                if not prev.exists():
+                    raise
+                state = load_checkpoint(prev)  # raises CheckpointError naming .prev if it is bad too
+                warnings.warn(f"{err}; resuming from the previous checkpoint {prev} (epoch "
+                              f"{state['epoch']}) instead", UserWarning, stacklevel=2)
+        elif prev.exists():
+            state = load_checkpoint(prev)
+        if state is not None:
             keys = ("method", "epochs", "lr", "weight_decay", "batch_size", "seed", "cache_prefix")
             diff = {k: (state["config"].get(k), config[k]) for k in keys
                     if state["config"].get(k) != config[k]}

@@ -266,7 +266,7 @@ def test_checkpoint_is_weights_only_and_atomic(tmp_path, monkeypatch):
 
     def failing_save(obj, f, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:  # second epoch: write half a file, then crash
+        if calls["n"] == 4:  # second epoch's file write (each epoch: payload bytes, then the file)
             f.write(b"\x80\x02partial-garbage")
             raise OSError("disk full (simulated)")
         return real_save(obj, f, *a, **k)
@@ -275,7 +275,7 @@ def test_checkpoint_is_weights_only_and_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated"):
         T.fit(_tiny(), data, None, epochs=3, lr=0.05, weight_decay=0, batch_size=8,
               checkpoint=path, progress=False)
-    state = torch.load(path, weights_only=True)  # the epoch-1 checkpoint survives intact
+    state = T.load_checkpoint(path)  # the epoch-1 checkpoint survives intact (weights_only inside)
     assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "rng", "history"}
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
 
@@ -525,3 +525,56 @@ def test_labels_outside_the_head_fail_before_the_first_step():
     loader = [(x[i:i + 4], data.y[i:i + 4]) for i in range(0, len(x), 4)]  # generic: checked per batch
     with pytest.raises(ValueError, match=r"train labels span \[2, 2\] but the model's head has 2"):
         T.fit(_tiny(k=2), loader, None, epochs=1, lr=0.05, weight_decay=0, progress=False)
+
+
+def _run(path, epochs, **kw):
+    return T.fit(_tiny(), _data(per_class=8), None, epochs=epochs, lr=0.05, weight_decay=0,
+                 batch_size=8, checkpoint=path, progress=False, **kw)
+
+
+def test_damaged_checkpoints_raise_checkpoint_error_naming_the_file(tmp_path):
+    path = tmp_path / "ck.pt"
+    _run(path, 1)
+    good = path.read_bytes()
+    outer = torch.load(path, weights_only=True)
+    assert outer["sha256"] and T.load_checkpoint(path)["epoch"] == 1
+    flipped = bytearray(good)
+    mid = len(flipped) // 2  # inside the payload tensor's storage
+    flipped[mid:mid + 16] = bytes(b ^ 0xFF for b in flipped[mid:mid + 16])
+    cases = {"damaged": bytes(flipped), "truncated": good[: len(good) // 2], "empty": b"",
+             "not a readable": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))}
+    for what, blob in cases.items():
+        bad = tmp_path / f"bad_{len(blob)}.pt"
+        bad.write_bytes(blob)
+        with pytest.raises(T.CheckpointError, match=what) as err:
+            T.load_checkpoint(bad)
+        assert str(bad) in str(err.value) and "delete it" in str(err.value)
+    plain = tmp_path / "plain.pt"
+    torch.save({"model": {}}, plain)
+    with pytest.raises(T.CheckpointError, match="not written by nclab"):
+        T.load_checkpoint(plain)
+    assert issubclass(T.CheckpointError, RuntimeError) and "CheckpointError" in T.__all__
+
+
+def test_corrupt_latest_falls_back_to_previous_and_stale_tmp_removed(tmp_path):
+    path = tmp_path / "ck.pt"
+    ref = _run(tmp_path / "ref.pt", 3)
+    def stop(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(path, 3, callback=stop)
+    prev = tmp_path / "ck.pt.prev"
+    assert T.load_checkpoint(prev)["epoch"] == 1 and T.load_checkpoint(path)["epoch"] == 2
+    path.write_bytes(path.read_bytes()[:100])  # the latest is damaged
+    stale = tmp_path / "ck.pt.tmp999999"
+    stale.write_bytes(b"junk")
+    with pytest.warns(UserWarning, match=r"resuming from the previous checkpoint .*ck.pt.prev \(epoch 1\)"):
+        hist = _run(path, 3, resume=True)
+    assert not stale.exists()
+    assert _strip(hist.records) == _strip(ref.records)  # epochs 2-3 redone: the same run
+    prev.write_bytes(b"")
+    path.write_bytes(b"")
+    with pytest.raises(T.CheckpointError, match="ck.pt.prev is empty"):
+        _run(path, 3, resume=True)
