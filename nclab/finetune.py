@@ -847,7 +847,10 @@ def study(profile=None) -> FineTuneStudy:
         return FineTuneStudy(**common, backbone="convnet_s", downstream="digits", block=4,
                              lora_rank=4, tune_sweep=(1, 3, 5), sweep_step=1,
                              second="convnet_s", second_block=3, sweep_seeds=prof.seeds,
-                             checked=())
+                             checked=("nc1_ranks_methods", "one_block_beats_probe",
+                                      "full_most_accurate", "second_one_block_beats_probe",
+                                      "scarce_one_block_beats_probe",
+                                      "scarce_full_not_below_probe"))
     if prof.name == "real":
         return FineTuneStudy(**common, backbone=prof.models[0], downstream=prof.downstream[0],
                              lora_rank=8, tune_sweep=(1, 4, 7), per_class=50, cache=True,
