@@ -30,9 +30,15 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["ClassStats", "ClassStatsGroup"]
+__all__ = ["ClassStats", "ClassStatsGroup", "DegenerateFeaturesError"]
 
 _F64 = torch.float64
+
+
+class DegenerateFeaturesError(ValueError):
+    """A collapse measure is undefined for these features: zero between-class spread, coinciding
+    class means, all-zero features, or values whose squares overflow float64. The message names
+    the quantity and why (see :mod:`nclab.metrics`)."""
 
 
 # --------------------------------------------------------------------------- input checks
@@ -269,7 +275,7 @@ class ClassStats:
             nonfinite = int((~torch.isfinite(h)).sum()) if h.dtype.is_floating_point else 0
             bad_y = int(((y < 0) | (y >= k)).sum())
             if not bad_y and not nonfinite:
-                raise ValueError("squared feature norms overflow float64: rescale the features")
+                raise DegenerateFeaturesError("squared feature norms overflow float64: rescale the features")
             _raise_bad(h, y, k, nonfinite, bad_y)
         return self
 
@@ -606,7 +612,7 @@ class ClassStatsGroup:
                     _raise_bad(h, y, k, nonfinite, bad_y)
                 except ValueError as err:
                     raise ValueError(f"{name!r}: {err}") from None
-        raise ValueError("squared feature norms overflow float64: rescale the features")
+        raise DegenerateFeaturesError("squared feature norms overflow float64: rescale the features")
 
     def check(self) -> ClassStatsGroup:
         """Raise now the ``ValueError`` of a bad batch found by a deferred check (if any)."""

@@ -27,6 +27,15 @@ The streaming statistics themselves (:class:`ClassStats`, :class:`ClassStatsGrou
 update, merge, distributed sync) live in :mod:`nclab.accumulators`; this module reads them and
 re-exports both classes, so ``from nclab.metrics import ClassStats`` works as before.
 
+Degenerate features (one policy for every measure, streaming path included): when a measure is
+undefined it raises :class:`DegenerateFeaturesError` (a ``ValueError``) naming the measure and the
+reason, never returning NaN, inf or 0 silently: zero between-class spread or all class means
+coinciding (``nc1``, ``nc1_trace``, ``equinorm``, ``etf_error``), two coinciding class means
+(``cdnv``), a centred class mean of zero length (``equiangularity``), a class whose features are
+all zero (``numerical_rank``), and class means, variances or squared norms that overflow float64
+(every measure; ``ClassStats.update`` for the squared norms). Missing classes keep their own
+``ValueError`` (``allow_missing=True`` drops them).
+
 Pseudo-inverse tolerance: eigenvalues of ``Sigma_B`` at most ``rtol * lambda_max`` are treated as
 zero, ``rtol = 1e-10`` by default (NumPy's ``pinv`` default, 1e-15, lies below the rounding noise of
 an explicitly formed d x d float64 ``Sigma_B`` once d is in the thousands).
@@ -45,6 +54,7 @@ from .accumulators import (  # the state half; re-exported: ``from nclab.metrics
     _F64,
     ClassStats,
     ClassStatsGroup,
+    DegenerateFeaturesError,
     _bad_counts,
     _check_features,
     _check_labels,
@@ -56,6 +66,7 @@ from .accumulators import (  # the state half; re-exported: ``from nclab.metrics
 __all__ = [
     "ClassStats",
     "ClassStatsGroup",
+    "DegenerateFeaturesError",
     "CollapseReport",
     "nc1",
     "nc1_lowmem",
@@ -196,10 +207,19 @@ def _resolve(x, labels, num_classes, allow_missing, fn: str) -> tuple[_Moments, 
         if num_classes is not None and num_classes != x.num_classes:
             raise ValueError(f"num_classes={num_classes} disagrees with the ClassStats "
                              f"({x.num_classes} classes)")
-        return _moments_from_stats(x, allow_missing), x
+        return _finite_moments(_moments_from_stats(x, allow_missing), fn), x
     if labels is None:
         raise ValueError(f"{fn} needs a ClassStats, or features and labels: {fn}(H, y)")
-    return _features_moments(x, labels, num_classes, allow_missing), None
+    return _finite_moments(_features_moments(x, labels, num_classes, allow_missing), fn), None
+
+
+def _finite_moments(mom: _Moments, fn: str) -> _Moments:
+    """``mom``, or a DegenerateFeaturesError when a class mean or within-class sum of squares is
+    not finite (feature values whose squares overflow float64)."""
+    if not (bool(torch.isfinite(mom.means).all()) and bool(torch.isfinite(mom.within_ss).all())):
+        raise DegenerateFeaturesError(f"{fn} is undefined: class means or within-class variances "
+                                      f"overflow float64 (feature values too large); rescale the features")
+    return mom
 
 
 # --------------------------------------------------------------------------- between-class part
@@ -229,10 +249,18 @@ def _sigma_b_eig(m_tilde: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torc
                          f"got {rtol!r}")
     k = m_tilde.shape[0]
     m_cpu = m_tilde.cpu()
-    evals, evecs = torch.linalg.eigh(m_cpu @ m_cpu.T)
+    gram = m_cpu @ m_cpu.T
+    if not bool(torch.isfinite(gram).all()):
+        raise DegenerateFeaturesError("NC1 is undefined: the between-class Gram of the class means "
+                                      "overflows float64; rescale the features")
+    if float(gram.diagonal().max()) == 0:
+        raise DegenerateFeaturesError("all class means coincide (Sigma_B = 0): NC1 is undefined "
+                                      "(zero between-class spread)")
+    evals, evecs = torch.linalg.eigh(gram)
     lam_max = float(evals[-1]) / k
     if lam_max <= 0:
-        raise ValueError("all class means coincide (Sigma_B = 0): NC1 is undefined")
+        raise DegenerateFeaturesError("all class means coincide (Sigma_B = 0): NC1 is undefined "
+                                      "(zero between-class spread)")
     lam = evals / k
     keep = lam > rtol * lam_max
     if float(lam[keep].min()) >= 1e-6 * lam_max:
@@ -327,7 +355,11 @@ def nc1_trace(
     mom, _ = _resolve(x, labels, num_classes, allow_missing, "nc1_trace")
     tr_w = float(mom.within_ss.sum()) / mom.n
     m = _centred_means(mom, global_mean)
-    return tr_w / (float((m * m).sum()) / mom.k)
+    tr_b = float((m * m).sum()) / mom.k
+    if not (tr_b > 0 and math.isfinite(tr_b)):
+        raise DegenerateFeaturesError(f"nc1_trace is undefined: tr(Sigma_B) = {tr_b} (all class means "
+                                      f"coincide, or their spread overflows float64)")
+    return tr_w / tr_b
 
 
 def cdnv(
@@ -345,6 +377,17 @@ def cdnv(
     dist2 = _pairwise_sq(mom.means)
     k = mom.k
     off = ~torch.eye(k, dtype=torch.bool, device=dist2.device)
+    # coinciding up to float64 rounding: ||mu_i - mu_j|| <= 1e-12 max_k ||mu_k||
+    scale2 = float((mom.means * mom.means).sum(1).max())
+    same = torch.nonzero((dist2 <= 1e-24 * scale2) & off)
+    if len(same):
+        i, j = (mom.classes[int(t)] for t in same[0])
+        raise DegenerateFeaturesError(f"cdnv is undefined: classes {i} and {j} have coinciding means "
+                                      f"(||mu_i - mu_j|| <= 1e-12 max ||mu_k||; {len(same) // 2} such "
+                                      f"pairs)")
+    if not bool(torch.isfinite(dist2).all()):
+        raise DegenerateFeaturesError("cdnv is undefined: distances between class means overflow "
+                                      "float64; rescale the features")
     ratio = (var[:, None] + var[None, :]) / (2 * dist2)
     return float(ratio[off].mean())
 
@@ -383,6 +426,17 @@ def _power_top_eig(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Ten
     return float((v * matvec(v)).sum())
 
 
+def _rank_ratio(fro: float, top: float, k: int) -> float:
+    """||H_k||_F^2 / ||H_k||_2^2, or a DegenerateFeaturesError for all-zero or overflowing H_k."""
+    if not (math.isfinite(fro) and math.isfinite(top)):
+        raise DegenerateFeaturesError(f"numerical_rank is undefined: class {k}'s squared features "
+                                      f"overflow float64; rescale the features")
+    if top <= 0:
+        raise DegenerateFeaturesError(f"numerical_rank is undefined: class {k}'s features are all zero "
+                                      f"(||H_k||_2 = 0)")
+    return fro / top
+
+
 def numerical_rank(
     x: ClassStats | torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -415,7 +469,7 @@ def numerical_rank(
             if float(v0.norm()) == 0:
                 v0 = torch.ones(x.dim, dtype=_F64, device=s_k.device)
             top = _power_top_eig(lambda v, s_k=s_k: s_k @ v, v0, tol, max_iter)
-            ranks.append(float(x.sq_norms[k]) / top if top > 0 else 0.0)
+            ranks.append(_rank_ratio(float(x.sq_norms[k]), top, k))
         return sum(ranks) / len(ranks)
     if labels is None:
         raise ValueError("numerical_rank needs a ClassStats or features and labels")
@@ -445,7 +499,7 @@ def numerical_rank(
         else:
             top = _power_top_eig(lambda v, hk=hk: hk.T @ (hk @ v), v0, tol, max_iter)
         fro = float((hk * hk).sum())
-        ranks.append(fro / top if top > 0 else 0.0)
+        ranks.append(_rank_ratio(fro, top, k))
     return sum(ranks) / len(ranks)
 
 
@@ -481,6 +535,9 @@ def equinorm(
     """NC2 equinorm: std / mean of the norms ||mu_k - mu_G|| (population std; 0 = equal norms)."""
     mom, _ = _resolve(x, labels, num_classes, allow_missing, "equinorm")
     norms = _centred_means(mom, global_mean).norm(dim=1)
+    if not (float(norms.mean()) > 0 and bool(torch.isfinite(norms).all())):
+        raise DegenerateFeaturesError("equinorm is undefined: every centred class mean has length 0 "
+                                      "(all class means coincide) or a length overflows float64")
     return float(norms.std(correction=0) / norms.mean())
 
 
@@ -496,7 +553,15 @@ def equiangularity(
     mu_j - mu_G over pairs i != j (0 = all angles equal, as in a simplex ETF)."""
     mom, _ = _resolve(x, labels, num_classes, allow_missing, "equiangularity")
     m = _centred_means(mom, global_mean)
-    m = m / m.norm(dim=1, keepdim=True)
+    norms = m.norm(dim=1, keepdim=True)
+    zero = torch.nonzero(norms.flatten() == 0).flatten().tolist()
+    if zero:
+        raise DegenerateFeaturesError(f"equiangularity is undefined: the centred means of classes "
+                                      f"{[mom.classes[i] for i in zero][:20]} have length 0 (they "
+                                      f"equal the global mean), so their angles are undefined")
+    if not bool(torch.isfinite(norms).all()):
+        raise DegenerateFeaturesError("equiangularity is undefined: class-mean lengths overflow float64")
+    m = m / norms
     cos = m @ m.T
     off = ~torch.eye(mom.k, dtype=torch.bool, device=m.device)
     return float(cos[off].std(correction=0))
@@ -520,7 +585,12 @@ def etf_error(
     G = M~^T M~ the K x K Gram of the centred class means (0 = simplex ETF, up to scale)."""
     mom, _ = _resolve(x, labels, num_classes, allow_missing, "etf_error")
     m = _centred_means(mom, global_mean)
-    return _etf_distance(m @ m.T)
+    g = m @ m.T
+    g_norm = float(g.norm())
+    if not (g_norm > 0 and math.isfinite(g_norm)):
+        raise DegenerateFeaturesError(f"etf_error is undefined: the Gram of the centred class means has "
+                                      f"norm {g_norm} (all class means coincide, or it overflows float64)")
+    return _etf_distance(g)
 
 
 def self_duality(

@@ -90,3 +90,41 @@ def test_ncc_agreement_checks_shapes():
         ncc_agreement(h, y, w, torch.zeros(4))
     with pytest.raises(ValueError, match=r"means must be \(K, 6\)"):
         ncc_agreement(h, y, w, means=torch.zeros(3, 5))
+
+
+_MEASURES = ["nc1", "cdnv", "equinorm", "equiangularity", "etf_error", "nc1_trace"]
+
+
+@pytest.mark.parametrize("name", _MEASURES)
+def test_degenerate_features_raise_one_named_error(name):
+    from nclab import metrics as M
+
+    y = torch.arange(12) % 3
+    fn = getattr(M, name)
+    equal = torch.ones(12, 4, dtype=torch.float64)
+    for x in (equal, ClassStats(3).update(equal, y)):  # direct and streaming paths
+        args = (x,) if isinstance(x, ClassStats) else (x, y)
+        with pytest.raises(M.DegenerateFeaturesError, match=f"(?i){name if name != 'nc1' else 'NC1'}"
+                           r".*undefined|undefined.*coincid"):
+            fn(*args)
+    big = torch.randn(12, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    big[0, 0] = 1e200
+    with pytest.raises(M.DegenerateFeaturesError, match="overflow"):
+        fn(big, y)
+    assert issubclass(M.DegenerateFeaturesError, ValueError)
+
+
+def test_cdnv_names_coinciding_class_means_and_rank_of_zero_class():
+    from nclab import metrics as M
+
+    h, y = _data(k=3, d=4)
+    h = h.clone()
+    h[y == 1] += h[y == 0].mean(0) - h[y == 1].mean(0)  # class 1's mean := class 0's
+    with pytest.raises(M.DegenerateFeaturesError, match="classes 0 and 1 have coinciding means"):
+        M.cdnv(h, y)
+    z = h.clone()
+    z[y == 2] = 0
+    with pytest.raises(M.DegenerateFeaturesError, match="class 2's features are all zero"):
+        numerical_rank(z, y)
+    with pytest.raises(M.DegenerateFeaturesError, match="class 2's features are all zero"):
+        numerical_rank(ClassStats(3, second_moments=True).update(z, y))
