@@ -855,7 +855,12 @@ def study(profile=None) -> FineTuneStudy:
         return FineTuneStudy(**common, backbone=prof.models[0], downstream=prof.downstream[0],
                              lora_rank=8, tune_sweep=(1, 4, 7), per_class=50, cache=True,
                              second="pyhessian_resnet20", sweep_seeds=prof.seeds,
-                             checked=())
+                             checked=("nc1_ranks_methods", "one_block_beats_probe",
+                                      "full_most_accurate", "scl_beats_layer",
+                                      "second_one_block_beats_probe",
+                                      "second_full_most_accurate",
+                                      "scarce_one_block_beats_probe",
+                                      "scarce_full_not_below_probe"))
     return FineTuneStudy(**common, backbone="resnet50", downstream=prof.downstream[0], block=8,
                          image_size=prof.image_size, per_class=prof.max_train_per_class,
                          second="resnet18")
