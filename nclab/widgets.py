@@ -2,8 +2,11 @@
 
 :func:`collapse_explorer` draws class-structured 2-D features - K classes whose means sit on a
 circle of radius ``between`` with Gaussian spread ``within`` - and shows NC1, the trace ratio, CDNV
-and the ETF error live as the sliders move. Without ipywidgets, or with ``interactive=False`` (as in
-the executed book), it draws one static panel per setting instead.
+and the ETF error live as the sliders move. Without ipywidgets, or with ``interactive=False``, it
+draws one static panel per setting instead. :func:`collapse_animation` is the explorer for a page
+with no kernel (the built book, read offline): the same scatter and numbers as the within-class
+spread shrinks, as a self-contained HTML/JavaScript player (Matplotlib's ``to_jshtml``: frames
+embedded as images, its own play, step and speed controls, no network).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 
 from . import metrics
 
-__all__ = ["collapse_example", "collapse_explorer", "explorer_metrics"]
+__all__ = ["collapse_animation", "collapse_example", "collapse_explorer", "explorer_metrics"]
 
 
 def collapse_example(num_classes: int = 4, within: float = 0.5, between: float = 2.0,
@@ -96,6 +99,60 @@ def collapse_explorer(
                            zip(list(getattr(axes, "flat", [axes])), settings)]
     fig.tight_layout()
     return fig
+
+
+def collapse_animation(num_classes: int = 4, between: float = 2.0,
+                       within: Sequence[float] | None = None, seed: int = 0, interval: int = 400):
+    """A player (``IPython.display.HTML``) of the explorer's scatter as the within-class spread runs
+    through ``within`` (default: 16 values from 1.5 down to 0.05, log-spaced) at fixed K and
+    between-class scale; every frame prints NC1, trace ratio, CDNV and ETF error. The same noise
+    draw (``seed``) is scaled in every frame, so only the spread changes. Its metrics per frame are
+    in the returned object's ``explorer_values``."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from IPython.display import HTML
+    from matplotlib.animation import FuncAnimation
+
+    spreads = [float(v) for v in (np.geomspace(1.5, 0.05, 16) if within is None else within)]
+    if not spreads or any(not v > 0 for v in spreads):
+        raise ValueError(f"within must be a non-empty sequence of spreads > 0, got {within!r}")
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    lim = 1.15 * between + 3 * max(spreads)
+
+    def frame(i: int):
+        ax.clear()
+        _draw(ax, num_classes, spreads[i], between, seed=seed)
+        ax.set_aspect("equal", adjustable="box")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        return []
+
+    anim = FuncAnimation(fig, frame, frames=len(spreads), interval=interval, blit=False)
+    html = HTML(_offline_player(anim.to_jshtml(default_mode="once")))
+    plt.close(fig)
+    html.explorer_values = [explorer_metrics(*collapse_example(num_classes, v, between, seed=seed))
+                            for v in spreads]
+    return html
+
+
+# Matplotlib's player draws its buttons with Font Awesome icons from a CDN; offline they would be
+# blank. The stylesheet link goes and each icon becomes a text symbol that every font has.
+_ICONS = {"fa fa-fast-backward": "\u25ae\u25c0\u25c0", "fa fa-step-backward": "\u25c0\u25ae",
+          "fa fa-play fa-flip-horizontal": "\u25c0", "fa fa-pause": "\u25ae\u25ae", "fa fa-play": "\u25b6",
+          "fa fa-step-forward": "\u25ae\u25b6", "fa fa-fast-forward": "\u25b6\u25b6\u25ae",
+          "fa fa-minus": "\u2212", "fa fa-plus": "+"}
+
+
+def _offline_player(html: str) -> str:
+    """``html`` of ``to_jshtml`` with no network reference: no stylesheet link, text icons."""
+    import re
+
+    html = re.sub(r"<link[^>]*font-awesome[^>]*>", "", html)
+    for cls, text in _ICONS.items():
+        html = html.replace(f'<i class="{cls}"></i>', f'<span aria-hidden="true">{text}</span>')
+    if "<i class=\"fa" in html or "://" in re.sub(r"data:[^\"']*", "", html):
+        raise RuntimeError("matplotlib's player changed: an icon or a network reference is left")
+    return html
 
 
 def _has_widgets() -> bool:

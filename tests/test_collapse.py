@@ -87,3 +87,15 @@ def test_layerwise_nc1_rows_values_and_subsets():
         layerwise_nc1(backbone, {})
     with pytest.raises(ValueError):
         layerwise_nc1(backbone, {"train": other}, per_class=7)  # classes hold only 6
+
+
+def test_collapse_animation_is_an_offline_player():
+    player = widgets.collapse_animation(num_classes=3, within=[1.0, 0.1])
+    html = player.data
+    assert "<script" in html and "data:image/png;base64" in html  # frames embedded, own controls
+    assert "font-awesome" not in html and "://" not in html.replace("data:", "")
+    nc1 = [v["NC1"] for v in player.explorer_values]
+    ref = [metrics.nc1(*widgets.collapse_example(3, w, 2.0)) for w in (1.0, 0.1)]
+    assert nc1 == pytest.approx(ref) and nc1[1] < nc1[0]
+    with pytest.raises(ValueError, match="within"):
+        widgets.collapse_animation(within=[0.5, 0.0])
