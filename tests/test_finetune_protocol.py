@@ -15,6 +15,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nclab import finetune as FT
+from nclab import finetune_study as FS
 from nclab import models as M
 from nclab.data import TensorDataset, batches
 from nclab.metrics import nc1
@@ -115,7 +116,7 @@ def test_features_nc1_on_train_and_test(backbone):
 
 
 def test_study_per_profile():
-    smoke, real, course = (FT.study(PROFILES[n]) for n in ("smoke", "real", "course"))
+    smoke, real, course = (FS.study(PROFILES[n]) for n in ("smoke", "real", "course"))
     assert smoke.backbone == "convnet_s" and smoke.block == 4 and not smoke.cache
     assert real.backbone == "resnet20" and real.cache and real.per_class == 50
     assert real.second is not None and real.second != real.backbone
@@ -131,15 +132,15 @@ def test_study_per_profile():
     for s in (smoke, real, course):
         assert s.epochs == PROFILES[s.profile].finetune_epochs
         assert s.seeds == PROFILES[s.profile].seeds
-        assert set(s.checked) <= set(FT.CLAIMS), set(s.checked) - set(FT.CLAIMS)
+        assert set(s.checked) <= set(FS.CLAIMS), set(s.checked) - set(FS.CLAIMS)
 
 
 def test_study_adapt_run_and_tuned_block(backbone):
     """``adapt`` re-estimates BatchNorm statistics only for a cached study; ``run`` trains
     with the study's recipe and adds training-set NC1; ``tuned_block`` is layer3.0."""
-    real = FT.study(PROFILES["real"])
+    real = FS.study(PROFILES["real"])
     assert real.tuned_block(backbone) == 7
-    smoke = FT.study(PROFILES["smoke"])
+    smoke = FS.study(PROFILES["smoke"])
     assert smoke.tuned_block(backbone) == 4 and smoke.tuned_block(backbone, second=True) == 3
     train, test = _data(shift=60), _data(seed=3)
     assert smoke.adapt(backbone, train) is backbone
