@@ -14,6 +14,12 @@
 * :func:`layerwise_nc1` - NC1 and CDNV of every block of a (trained or pre-trained) backbone on
   several splits (e.g. the training images and held-out test images), optionally on seeded,
   equally sized class-balanced subsets so that the splits are compared at the same sample size.
+* :func:`nc1_by_sample_size` - NC1 of seeded class-balanced subsets of given sizes (the plug-in
+  estimate's dependence on the images per class).
+
+What differs between profiles lives here, in two frozen configurations the chapters read:
+:class:`Quickstart` (:func:`quickstart`, chapter 00) and :class:`CollapseStudy` (:func:`study`,
+chapter 01, with the claims it asserts in :data:`CLAIMS`).
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import metrics
+from .runtime import Profile
 
 __all__ = ["UFMResult", "train_ufm", "Classifier", "TerminalPhaseResult", "train_terminal_phase",
-           "layerwise_nc1"]
+           "layerwise_nc1", "nc1_by_sample_size", "Quickstart", "quickstart", "CollapseStudy",
+           "study", "CLAIMS"]
 
 
 @dataclass
@@ -274,3 +282,188 @@ def layerwise_nc1(
                              "stage": name.rsplit(".", 1)[0], "n": len(data),
                              "nc1": metrics.nc1(stats[name]), "cdnv": metrics.cdnv(stats[name])})
     return pd.DataFrame(rows)
+
+
+def nc1_by_sample_size(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    sizes: Sequence[int],
+    seeds: Sequence[int] = (0,),
+) -> pd.DataFrame:
+    """NC1 of class-balanced subsets: for every ``m`` in ``sizes`` and seed, exactly ``m`` samples
+    per class drawn without replacement (:func:`nclab.data.subset_per_class`), then
+    ``NC1 = (1/K) tr(Sigma_W Sigma_B^+)`` on them. The plug-in ``Sigma_B`` carries a noise of order
+    ``Sigma_W / m``, so where the true between-class spread is small NC1 grows with ``m``.
+
+    Returns one row per (size, seed): ``per_class, seed, n`` (samples), ``nc1``."""
+    from .data import subset_per_class
+
+    h = torch.as_tensor(features)
+    y = torch.as_tensor(labels).long()
+    if h.ndim != 2 or len(h) != len(y):
+        raise ValueError(f"features must be (N, d) with N = len(labels), got {tuple(h.shape)} "
+                         f"and {len(y)} labels")
+    if not sizes or not seeds:
+        raise ValueError("need at least one size and one seed")
+    k = int(y.max()) + 1
+    rows = []
+    for m in sizes:
+        for seed in seeds:
+            idx = subset_per_class(y, int(m), seed=seed)
+            rows.append({"per_class": int(m), "seed": seed, "n": len(idx),
+                         "nc1": metrics.nc1(h[idx], y[idx], num_classes=k)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- chapter configurations
+def _profile(profile: str | Profile | None) -> Profile:
+    from .runtime import profile as active_profile
+
+    return profile if isinstance(profile, Profile) else active_profile(profile)
+
+
+@dataclass(frozen=True)
+class Quickstart:
+    """What chapter 00 runs in one profile.
+
+    ``dataset``: registry name (:func:`nclab.data.load`) of the images shown and measured, under
+    the title ``dataset_name``; ``sizes``: its expected (train, test) lengths; ``stratified``:
+    whether its split keeps every class's test share equal (digits). ``arch``: the backbone
+    whose features are measured, at random initialisation and, if ``pretrained``, with its
+    published weights; ``seed`` draws the random weights."""
+
+    profile: str
+    dataset: str
+    dataset_name: str
+    sizes: tuple[int, int]
+    stratified: bool
+    arch: str
+    pretrained: bool
+    seed: int
+
+    def load(self):
+        """The (train, test) :class:`nclab.data.TensorDataset` pair."""
+        from .data import load
+
+        return load(self.dataset, "train"), load(self.dataset, "test")
+
+
+def quickstart(profile: str | Profile | None = None) -> Quickstart:
+    """Chapter 00's :class:`Quickstart` for ``profile`` (a name, a :class:`~nclab.runtime.Profile`,
+    or None for the active one): real CIFAR-10 and ResNet-20 with its CIFAR-10 weights in
+    ``real``; the offline digits and a randomly initialised ResNet-20 elsewhere."""
+    prof = _profile(profile)
+    if prof.name == "real":
+        return Quickstart(prof.name, prof.source,
+                          "CIFAR-10, the first 2000 training / 1000 test images", (2000, 1000),
+                          stratified=False, arch=prof.models[0], pretrained=True,
+                          seed=prof.seeds[0])
+    return Quickstart(prof.name, "digits", "scikit-learn digits, served at 32×32", (1257, 540),
+                      stratified=True, arch="resnet20", pretrained=False, seed=prof.seeds[0])
+
+
+#: The claims chapter 01 can assert, by name; a profile's ``checked`` names those that held on
+#: every seed when measured there (seeds 0, 1, 2).
+CLAIMS: dict[str, str] = {
+    "tp_every_block": "the terminal-phase network's NC1 falls at every block, train and test",
+    "blocks_fall": "NC1 of the last block >10x below the first, falling at every block from the "
+                   "second stage on, and test NC1 above train NC1 at the last block",
+    "first_stage": "in the CIFAR-10 ResNets NC1 does not fall at every block of the first stage, "
+                   "and at the first block test/train NC1 lies on both sides of 1",
+    "rank_vs_nc1": "on a trained network's layers CDNV follows NC1 (Spearman > 0.9), the numerical "
+                   "rank runs against it (< 0) and stays below 1.2",
+    "projection": "at matched sample size the pre-trained features are more collapsed than the "
+                  "random-init ones on every set, and more on the training than on the test images",
+}
+
+
+@dataclass(frozen=True)
+class CollapseStudy:
+    """What chapter 01 runs in one profile.
+
+    Terminal phase: a network built by :meth:`terminal_backbone`, trained ``epochs`` on
+    ``terminal_data`` (registry name; train/test splits) with ``batch_size``, tapped at every block
+    but the last. ``models``: registry names of really trained networks measured block by block
+    on ``images`` (empty: the chapter's own trained network on its own data), on ``per_class``
+    images per class of each split and each of ``seeds``. Projection: backbone
+    ``projection_model`` (random init, and with its weights if ``projection_pretrained``) on the
+    source sets ``projection_source`` (train and test) and on ``projection_downstream`` (a
+    registry name, or None for the offline stand-in :func:`nclab.data.synthetic_images`).
+    ``sample_sizes``: images per class of the sample-size plot. ``cost_dims``: feature widths of
+    the cost comparison. ``checked``: the :data:`CLAIMS` asserted in this profile."""
+
+    profile: str
+    seeds: tuple[int, ...]
+    terminal_data: str
+    epochs: int
+    batch_size: int
+    models: tuple[str, ...]
+    images: str | None
+    per_class: int
+    projection_model: str
+    projection_pretrained: bool
+    projection_source: str
+    projection_downstream: str | None
+    sample_sizes: tuple[int, ...]
+    cost_dims: tuple[int, ...]
+    checked: frozenset[str] = field(default_factory=frozenset)
+
+    def terminal_backbone(self) -> nn.Module:
+        """A fresh, randomly initialised backbone for the terminal-phase run (seed it first)."""
+        from .models import ConvNetS, ResNetS
+
+        if self.terminal_data == "digits":
+            return ConvNetS(width=16, depth=4)
+        return ResNetS(width=32, depths=(2, 2, 2))
+
+    def terminal_splits(self):
+        """The (train, test) datasets of the terminal-phase run."""
+        from .data import load
+
+        return load(self.terminal_data, "train"), load(self.terminal_data, "test")
+
+    def projection_sets(self) -> dict[str, object]:
+        """``{title: dataset}``: the source's training and test images, then the downstream
+        task's training images."""
+        from .data import load, synthetic_images
+
+        names = {"cifar10_2k": "CIFAR-10", "digits": "digits", "fashion_mnist_2k": "Fashion-MNIST"}
+        src = names.get(self.projection_source, self.projection_source)
+        out = {f"{src} train": load(self.projection_source, "train"),
+               f"{src} test": load(self.projection_source, "test")}
+        if self.projection_downstream is None:
+            out["synthetic patterns (stand-in)"] = synthetic_images(num_classes=10,
+                                                                    per_class=100, seed=0)
+        else:
+            down = names.get(self.projection_downstream, self.projection_downstream)
+            out[f"{down} train (downstream)"] = load(self.projection_downstream, "train")
+        return out
+
+
+def study(profile: str | Profile | None = None) -> CollapseStudy:
+    """Chapter 01's :class:`CollapseStudy` for ``profile`` (a name, a
+    :class:`~nclab.runtime.Profile`, or None for the active one)."""
+    prof = _profile(profile)
+    common = dict(profile=prof.name, seeds=prof.seeds, epochs=prof.pretrain_epochs,
+                  batch_size=prof.batch_size, projection_model="resnet20")
+    if prof.name == "real":
+        # the smallest class of the 1000 CIFAR-10 test images has 86
+        return CollapseStudy(terminal_data="digits", models=tuple(prof.models),
+                             images=prof.source, per_class=80, projection_pretrained=True,
+                             projection_source=prof.source,
+                             projection_downstream=prof.downstream[0],
+                             sample_sizes=(10, 20, 40, 80, 160), cost_dims=(64, 256, 1024),
+                             checked=frozenset(CLAIMS), **common)
+    if prof.name == "smoke":
+        # the smallest digits test class has 52
+        return CollapseStudy(terminal_data="digits", models=(), images=None, per_class=50,
+                             projection_pretrained=False, projection_source="digits",
+                             projection_downstream=None, sample_sizes=(10, 20, 40, 80),
+                             cost_dims=(64, 256, 1024),
+                             checked=frozenset({"tp_every_block", "blocks_fall", "rank_vs_nc1"}),
+                             **common)
+    return CollapseStudy(terminal_data="cifar10", models=(), images=None, per_class=50,
+                         projection_pretrained=True, projection_source="cifar10_2k",
+                         projection_downstream="fashion_mnist_2k",
+                         sample_sizes=(10, 20, 40, 80, 160), cost_dims=(64, 256, 1024, 2048, 4096),
+                         **common)

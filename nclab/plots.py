@@ -262,3 +262,88 @@ def finetune_diagram(num_blocks: int = 5, block: int = 3, method: str = "scl", a
     names = {"linear": "Linear probe", "layer": "Layer FT", "scl": "SCL FT", "full": "Full FT"}
     ax.set_title(f"{names[method]}: orange trains, grey is frozen", fontsize=10)
     return ax
+
+
+# --------------------------------------------------------------------------- real features in 2-D (ch. 01)
+__all__ += ["class_mean_plane", "feature_projection"]
+
+
+def class_mean_plane(features, labels, num_classes: int | None = None, dims: int = 2):
+    """The plane of :func:`feature_projection`, in float64: ``(center, directions)``.
+
+    ``center`` is the mean of the class means, ``mu_G = (1/K) sum_k mu_k`` (d,); ``directions``
+    (d, dims) are the top right-singular vectors of ``M~ = [mu_k - mu_G]_k`` (K x d), i.e. the
+    top principal directions of the centred class means. When ``M~`` has rank r < dims (e.g.
+    K = 2), the remaining directions are the top principal directions of the within-class
+    residuals ``h_i - mu_{y_i}`` orthogonal to the first r."""
+    import torch
+
+    h = torch.as_tensor(features).detach().cpu().double()
+    y = torch.as_tensor(labels).detach().cpu().long()
+    if h.ndim != 2 or len(h) != len(y):
+        raise ValueError(f"features must be (N, d) with N = len(labels), got {tuple(h.shape)} "
+                         f"and {len(y)} labels")
+    if not 1 <= dims <= h.shape[1]:
+        raise ValueError(f"dims must lie in [1, d = {h.shape[1]}], got {dims}")
+    k = int(num_classes) if num_classes is not None else int(y.max()) + 1
+    present = [c for c in range(k) if bool((y == c).any())]
+    if len(present) < 2:
+        raise ValueError("need at least two classes with samples")
+    mu = torch.stack([h[y == c].mean(0) for c in present])
+    center = mu.mean(0)
+    _, s, vh = torch.linalg.svd(mu - center, full_matrices=False)
+    r = int((s > s[0] * 1e-10).sum()) if s[0] > 0 else 0
+    v = vh[: min(r, dims)].T
+    if v.shape[1] < dims:
+        lut = torch.zeros(k, dtype=torch.long)
+        lut[torch.tensor(present)] = torch.arange(len(present))
+        resid = h - mu[lut[y]]
+        resid = resid - resid @ v @ v.T
+        _, _, vw = torch.linalg.svd(resid, full_matrices=False)
+        v = torch.cat([v, vw[: dims - v.shape[1]].T], dim=1)
+    return center.numpy(), v.numpy()
+
+
+def feature_projection(features, labels, *, plane=None, ax=None, title: str | None = None,
+                       class_names: Sequence[str] | None = None, means: bool = True,
+                       legend: bool = False, size: float = 6):
+    """Scatter features in 2-D, one colour per class: ``z_i = V^T (h_i - mu_G)``.
+
+    The plane ``(mu_G, V)`` defaults to :func:`class_mean_plane` of these features (PCA of the
+    centred class means, so the axes show the between-class geometry and a collapsed class is a
+    tight blob around its mean); pass another set's plane to draw e.g. test features in the
+    training features' plane. Class means are drawn as black-edged stars. Returns the figure
+    (a new one if ``ax`` is None); the scatter's offsets are the ``z_i``."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    h = torch.as_tensor(features).detach().cpu().double().numpy()
+    y = torch.as_tensor(labels).detach().cpu().long().numpy()
+    center, v = plane if plane is not None else class_mean_plane(h, y)
+    center, v = np.asarray(center, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    if v.shape != (h.shape[1], 2) or center.shape != (h.shape[1],):
+        raise ValueError(f"plane must be (center (d,), directions (d, 2)) with d = {h.shape[1]}, "
+                         f"got {center.shape} and {v.shape}")
+    z = (h - center) @ v
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    cmap = plt.get_cmap("tab10")
+    colors = cmap(y % 10)
+    ax.scatter(z[:, 0], z[:, 1], c=colors, s=size, alpha=0.5, linewidths=0)
+    classes = np.unique(y)
+    if means:
+        mu = np.stack([z[y == c].mean(0) for c in classes])
+        ax.scatter(mu[:, 0], mu[:, 1], c=cmap(classes % 10), s=140, marker="*",
+                   edgecolors="k", linewidths=0.8)
+    if legend:
+        from matplotlib.lines import Line2D
+
+        names = [class_names[c] if class_names is not None else str(c) for c in classes]
+        handles = [Line2D([], [], ls="", marker="o", color=cmap(c % 10)) for c in classes]
+        ax.legend(handles, names, fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5),
+                  frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax.figure

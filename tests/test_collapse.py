@@ -99,3 +99,58 @@ def test_collapse_animation_is_an_offline_player():
     assert nc1 == pytest.approx(ref) and nc1[1] < nc1[0]
     with pytest.raises(ValueError, match="within"):
         widgets.collapse_animation(within=[0.5, 0.0])
+
+
+def test_nc1_by_sample_size_rows_and_values():
+    from nclab.collapse import nc1_by_sample_size
+
+    h, y = nclab.data.synthetic_features(num_classes=4, per_class=30, dim=16, within_std=1.0,
+                                         between_scale=0.5, seed=0)
+    df = nc1_by_sample_size(h, y, sizes=(5, 10, 30), seeds=(0, 1))
+    assert list(df.columns) == ["per_class", "seed", "n", "nc1"]
+    assert list(df.per_class) == [5, 5, 10, 10, 30, 30] and list(df.n) == [20, 20, 40, 40, 120, 120]
+    idx = nclab.data.subset_per_class(y, 10, seed=1)
+    assert df.nc1.iloc[3] == pytest.approx(metrics.nc1(h[idx], y[idx]), rel=1e-12)
+    assert df.nc1.iloc[4] == pytest.approx(metrics.nc1(h, y), rel=1e-12)  # all samples
+    # small between-class spread: the plug-in NC1 grows with the sample size
+    mean = df.groupby("per_class").nc1.mean()
+    assert mean.is_monotonic_increasing
+    with pytest.raises(ValueError):
+        nc1_by_sample_size(h, y, sizes=(31,))
+    with pytest.raises(ValueError):
+        nc1_by_sample_size(h[:10], y, sizes=(2,))
+
+
+def test_chapter_configurations_per_profile():
+    from nclab import collapse
+
+    smoke, real = collapse.study("smoke"), collapse.study("real")
+    assert real.models == nclab.PROFILES["real"].models and not smoke.models
+    assert real.images == "cifar10_2k" and smoke.images is None
+    assert real.projection_pretrained and not smoke.projection_pretrained
+    assert real.projection_downstream == "fashion_mnist_2k" and smoke.projection_downstream is None
+    for s in (smoke, real):
+        assert s.checked <= set(collapse.CLAIMS)
+        assert max(s.sample_sizes) > s.per_class // 2
+        assert s.terminal_data == "digits"
+    assert "projection" in real.checked and "projection" not in smoke.checked
+    assert collapse.study("course").checked == frozenset()
+    assert collapse.study(nclab.PROFILES["smoke"]) == smoke
+    with pytest.raises(AttributeError):
+        smoke.per_class = 3  # frozen
+    # the per-class sizes fit the smallest class of the split they are drawn from
+    digits_test = nclab.data.digits("test")
+    assert smoke.per_class <= int(torch.bincount(digits_test.y).min())
+    sets = smoke.projection_sets()
+    assert list(sets) == ["digits train", "digits test", "synthetic patterns (stand-in)"]
+    assert max(smoke.sample_sizes) <= int(torch.bincount(sets["digits train"].y).min())
+    net = smoke.terminal_backbone()
+    assert len(nclab.models.blocks(net)) == 4
+    train, test = smoke.terminal_splits()
+    assert (len(train), len(test)) == (1257, 540)
+
+    q, qr = collapse.quickstart("smoke"), collapse.quickstart("real")
+    assert (q.dataset, q.pretrained, q.stratified) == ("digits", False, True)
+    assert (qr.dataset, qr.pretrained, qr.sizes) == ("cifar10_2k", True, (2000, 1000))
+    train, test = q.load()
+    assert (len(train), len(test)) == q.sizes
