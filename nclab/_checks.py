@@ -1,8 +1,25 @@
-"""Input checks shared by the modules that take a labelled feature matrix (probe, transfer)."""
+"""Input checks shared by the modules that take a labelled feature matrix (accumulators, probe,
+transfer)."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
+
+
+def positive_int(value, name: str = "num_classes") -> int:
+    """``value`` as a Python int >= 1. NumPy and torch integers are accepted; bool, floats, strings
+    and other non-integers raise ``TypeError``, values < 1 ``ValueError``; both name ``name``."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer, got bool {value!r}")
+    try:
+        k = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if k < 1:
+        raise ValueError(f"{name} must be >= 1, got {k}")
+    return k
 
 
 def features_labels(feats, y, what: str = "") -> tuple[torch.Tensor, torch.Tensor]:

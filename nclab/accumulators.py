@@ -1,16 +1,27 @@
 """Streaming per-class statistics: the state and update half of the neural-collapse measures.
 
-A :class:`ClassStats` keeps, in float64, for features ``h_i`` in R^d with labels ``y_i`` in [0, K):
-the count ``n_k``, the sum ``sum_{y_i = k} h_i`` and (by default) the second moment
-``sum_{y_i = k} h_i h_i^T`` of every class, so that one streaming pass over any chunking of the data
-gives the class means ``mu_k`` and the within-class covariance
+A :class:`ClassStats` keeps, in float64, for features ``h_i`` in R^d with labels ``y_i`` in [0, K),
+centred moments of every class: the count ``n_k``, the class mean ``mu_k`` (stored relative to a
+shift ``c``, the mean of the first batch) and the within-class sum of squares
+``sum_{y_i = k} ||h_i - mu_k||^2``; by default also the within-class scatter
 
-    Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T.
+    N Sigma_W = sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T
 
-Two accumulators built on the same data in any split merge exactly (``merge``, ``+``), and a
-distributed run sums them over processes (``all_reduce``). The measures that read them (NC1 - NC4,
-CDNV, numerical rank, the collapse report) are in :mod:`nclab.metrics`, which re-exports both
-classes: ``from nclab.metrics import ClassStats`` keeps working.
+(d x d, summed over classes; ``second_moments=True`` keeps one per class). Nothing is formed as an
+uncentred sum of squares, so the statistics stay exact when the features share an offset far larger
+than their spread (a raw ``sum h h^T - n mu mu^T`` loses every digit at an offset 1e8 times the
+spread). A batch is folded in by Chan, Golub and LeVeque's pairwise update: with the batch's count
+``n_b``, mean ``m_b`` and centred scatter ``W_b``, and ``delta = m_b - m_a``,
+
+    n = n_a + n_b,  m = m_a + delta n_b / n,  W = W_a + W_b + delta delta^T n_a n_b / n,
+
+the same rule that ``merge`` applies to two accumulators and ``sync`` to the ranks of a distributed
+run; the result does not depend on the chunking or the order (up to float64 rounding). The
+uncentred quantities of earlier versions (``sums``, ``sq_norms``, ``second_moment``,
+``class_second_moments``, ``total_second_moment``) are still read as before; they are formed from
+the centred ones (adding non-negative terms, no cancellation). The measures that read the
+statistics (NC1 - NC4, CDNV, numerical rank, the collapse report) are in :mod:`nclab.metrics`,
+which re-exports both classes: ``from nclab.metrics import ClassStats`` keeps working.
 
 Input checks: features must be a 2-D finite tensor and labels integers in [0, K) on the same device.
 By default ``ClassStats.update`` raises on bad input inside the call that received it, which costs
@@ -25,14 +36,17 @@ launches. Many feature sets with shared labels (the layer taps of one forward pa
 from __future__ import annotations
 
 import math
-import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
+
+from ._checks import positive_int
 
 __all__ = ["ClassStats", "ClassStatsGroup", "DegenerateFeaturesError"]
 
 _F64 = torch.float64
+_OVERFLOW = ("squared deviations of the features from their class means overflow float64: "
+             "rescale the features")
 
 
 class DegenerateFeaturesError(ValueError):
@@ -99,17 +113,8 @@ def _raise_bad(h: torch.Tensor, y: torch.Tensor, k: int, nonfinite: int, bad_y: 
 
 
 def _num_classes(num_classes) -> int:
-    """``num_classes`` as a Python int >= 1: NumPy/torch integers accepted, bool and floats refused."""
-    if isinstance(num_classes, bool) or (isinstance(num_classes, torch.Tensor)
-                                         and num_classes.dtype == torch.bool):
-        raise ValueError(f"num_classes must be a positive int, got bool {num_classes!r}")
-    try:
-        k = operator.index(num_classes)
-    except TypeError:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}") from None
-    if k < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return k
+    """``num_classes`` as a Python int >= 1 (see :func:`nclab._checks.positive_int`)."""
+    return positive_int(num_classes, "num_classes")
 
 
 def _infer_k(y: torch.Tensor, num_classes: int | None) -> int:
@@ -128,16 +133,6 @@ def _normalize_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def _augmented(h: torch.Tensor) -> torch.Tensor:
-    """[h | 1 | ||h||^2] in float64 (N, d + 2): one index_add then gives sums, counts, norms."""
-    n, d = h.shape
-    aug = torch.empty(n, d + 2, dtype=_F64, device=h.device)
-    aug[:, :d].copy_(h)
-    aug[:, d].fill_(1.0)
-    torch.linalg.vecdot(aug[:, :d], aug[:, :d], out=aug[:, d + 1])
-    return aug
-
-
 class _Done:
     """Stands in for a completed CUDA event."""
 
@@ -150,7 +145,8 @@ class _Done:
 
 def _bad_pending(owner: ClassStats | ClassStatsGroup) -> tuple | None:
     """Consume ``owner``'s pending deferred check, waiting for its device flags: the ``(features,
-    labels)`` of that batch if it was bad (labels outside [0, K) or non-finite norms), else None."""
+    labels)`` of that batch if it was bad (labels outside [0, K) or a non-finite sum of squares),
+    else None."""
     if owner._pending is None:
         return None
     flags, event, h, y = owner._pending
@@ -168,21 +164,88 @@ def _class_sums(out: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Te
     return out.index_add_(0, y, v)
 
 
+
+
+def _chan_combine(acc: torch.Tensor, dim: int, nb: torch.Tensor, mb: torch.Tensor, m2b: torch.Tensor,
+                  indicator: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a part (counts ``nb`` (K,), means ``mb`` (K, D), within sums of squares ``m2b`` (K, T))
+    into ``acc`` = [means (D) | counts | within sums of squares (T)] in place (Chan et al.):
+    ``delta = mb - m_a``, ``m += delta nb / n``, ``m2 += m2b + (na nb / n) ||delta||^2`` (per tap:
+    the columns of ``indicator`` (D, T); None: one tap of all D columns). Returns ``delta`` (K, D)
+    and the weights ``na nb / n`` (K,) for the scatter correction ``W += delta^T diag(w) delta``.
+    Classes with ``nb = 0`` are left exactly as they were; no host sync (CUDA-graph safe)."""
+    na = acc[:, dim]
+    n = na + nb
+    frac = nb / n.clamp_min(1.0)
+    w = na * frac
+    delta = mb - acc[:, :dim]
+    sq = delta * delta
+    sq = sq.sum(1, keepdim=True) if indicator is None else sq @ indicator
+    acc[:, :dim].addcmul_(delta, frac[:, None])
+    acc[:, dim].copy_(n)
+    acc[:, dim + 1:].add_(m2b.view(acc.shape[0], -1)).addcmul_(sq, w[:, None])
+    return delta, w
+
+
+def _batch_centred(buf: torch.Tensor, dim: int, y: torch.Tensor, k: int, shift: torch.Tensor,
+                   indicator: torch.Tensor | None = None):
+    """Centred moments of one batch held in ``buf`` = [h (dim columns, float64) | 1] (N, dim + 1),
+    overwritten: ``buf[:, :dim]`` becomes the centred features ``h - shift - m_b[y]``. Returns the
+    batch's counts (K,), means relative to ``shift`` (K, dim) and within sums of squares (K, T)."""
+    x = buf[:, :dim]
+    x.sub_(shift)
+    s = torch.zeros(k, dim + 1, dtype=_F64, device=buf.device)
+    _class_sums(s, y, buf)
+    nb = s[:, dim]
+    mb = s[:, :dim] / nb.clamp_min(1.0)[:, None]
+    x.sub_(mb[y])
+    sq = x * x
+    sq = sq.sum(1, keepdim=True) if indicator is None else sq @ indicator
+    m2b = torch.zeros(k, sq.shape[1], dtype=_F64, device=buf.device)
+    _class_sums(m2b, y, sq)
+    return nb, mb, m2b
+
+
+def _shift_for(buf: torch.Tensor, dim: int, acc: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The shift this batch is centred by: the stored one, or this batch's mean while nothing has
+    been accumulated (any vector near the data works: moments are stored relative to it)."""
+    empty = acc[:, dim].sum() == 0
+    return torch.where(empty, buf[:, :dim].mean(0), shift)
+
+
+def _class_scatters_add(out: torch.Tensor, c: torch.Tensor, y: torch.Tensor) -> None:
+    """out[k] += sum_{y_i = k} c_i c_i^T (K, d, d) in place: one GEMM per class present in the
+    batch (one host sync; only for ``second_moments=True``)."""
+    order = torch.argsort(y)
+    ys, cs = y[order], c[order]
+    classes, sizes = torch.unique_consecutive(ys, return_counts=True)
+    start = 0
+    for cls, n_c in zip(classes.tolist(), sizes.tolist()):
+        block = cs[start:start + n_c]
+        out[cls].addmm_(block.T, block)
+        start += n_c
+
+
 # --------------------------------------------------------------------------- ClassStats
 class ClassStats:
-    """Streaming per-class statistics of features, accumulated in float64.
+    """Streaming per-class statistics of features, accumulated in float64 as centred moments.
 
-    Holds per class ``k``: the count ``n_k``, the sum ``sum_i h_i`` and the squared-norm sum
-    ``sum_i ||h_i||^2``; and, unless ``low_memory``, the total second moment
-    ``S = sum_i h_i h_i^T`` (d x d) - or, with ``second_moments=True``, one d x d second moment per
-    class (K d^2 memory; needed by :func:`nclab.metrics.numerical_rank`). ``update`` accepts any chunking and
-    order; the result does not depend on them (up to float64 rounding).
+    Holds per class ``k``: the count ``n_k``, the mean ``mu_k`` and the within-class sum of squares
+    ``sum_i ||h_i - mu_k||^2``; and, unless ``low_memory``, the within-class scatter
+    ``N Sigma_W = sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T`` (d x d) - or, with
+    ``second_moments=True``, one d x d scatter per class (K d^2 memory; needed by
+    :func:`nclab.metrics.numerical_rank`). ``update`` accepts any chunking and order; the result
+    does not depend on them (up to float64 rounding), nor on an offset shared by the features.
+
+    Read them as ``counts``, ``means``, ``within_ss``, ``within_scatter``, ``Sigma_W`` and
+    ``class_scatters``; the uncentred ``sums``, ``sq_norms``, ``second_moment`` (total, d x d),
+    ``class_second_moments`` and ``total_second_moment`` are formed from them on each read.
 
     Args:
         num_classes: K; labels must lie in [0, K).
         dim: feature width d (inferred from the first batch if None).
         device: where the statistics live (default: the device of the first batch).
-        second_moments: keep per-class second moments (for the numerical rank).
+        second_moments: keep per-class scatters (for the numerical rank).
         low_memory: keep only O(K d) statistics (no d x d). ``nc1`` then needs the features again:
             use :func:`nclab.metrics.nc1_lowmem`; every other metric works from these statistics.
         check: when bad input (NaN/Inf, labels outside [0, K)) raises. ``"eager"``: inside the
@@ -191,8 +254,7 @@ class ClassStats:
             raised by the next ``update``, ``check()`` or read of the statistics. ``"auto"``:
             eager on CPUs (a sync is free there), deferred on GPUs, so that streaming many layer
             taps does not stall the forward pass (nclab's own streaming loops use it). Default
-            ``"eager"``. Either way bad data never enters
-            the statistics and always raises.
+            ``"eager"``. Either way bad data never enters the statistics and always raises.
     """
 
     def __init__(
@@ -221,9 +283,10 @@ class ClassStats:
         self._graphs: dict = {}  # CUDA graphs of the deferred update, by (shape, dtype)
         self._host_flags: torch.Tensor | None = None
         self._event = None
-        self._acc: torch.Tensor | None = None  # (K, d + 2): [sums | counts | squared norms]
-        self.second_moment: torch.Tensor | None = None  # (d, d), total
-        self.class_second_moments: torch.Tensor | None = None  # (K, d, d)
+        self._shift: torch.Tensor | None = None  # (d,): means are stored relative to it
+        self._acc: torch.Tensor | None = None  # (K, d + 2): [means - shift | counts | within SS]
+        self._scatter: torch.Tensor | None = None  # (d, d): sum of the class scatters
+        self._class_scatter: torch.Tensor | None = None  # (K, d, d)
         if dim is not None and self.device is not None:
             self._allocate(dim, self.device)
 
@@ -232,14 +295,15 @@ class ClassStats:
         self._graphs = {}
         k = self.num_classes
         self.dim, self.device = dim, device
+        self._shift = torch.zeros(dim, dtype=_F64, device=device)
         self._acc = torch.zeros(k, dim + 2, dtype=_F64, device=device)
         if self.second_moments:
-            self.class_second_moments = torch.zeros(k, dim, dim, dtype=_F64, device=device)
+            self._class_scatter = torch.zeros(k, dim, dim, dtype=_F64, device=device)
         elif not self.low_memory:
-            self.second_moment = torch.zeros(dim, dim, dtype=_F64, device=device)
+            self._scatter = torch.zeros(dim, dim, dtype=_F64, device=device)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        names = ("_acc", "second_moment", "class_second_moments")
+        names = ("_shift", "_acc", "_scatter", "_class_scatter")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property
@@ -248,20 +312,97 @@ class ClassStats:
         self.check()
         return None if self._acc is None else self._acc[:, self.dim]
 
-    @property
-    def sums(self) -> torch.Tensor | None:
-        """sum_{i in k} h_i per class (K, d), float64 (raises first a pending deferred error)."""
+    def _relative_means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shift c (d,), mu_k - c (K, d)): the stored means, exact relative to the shift (what
+        translation-invariant measures should read); rows of empty classes are 0."""
         self.check()
-        return None if self._acc is None else self._acc[:, : self.dim]
+        return self._shift, self._acc[:, : self.dim]
 
     @property
-    def sq_norms(self) -> torch.Tensor | None:
-        """sum_{i in k} ||h_i||^2 per class (K,), float64 (raises first a pending deferred error)."""
+    def means(self) -> torch.Tensor:
+        """Class means mu_k (K, d), float64; NaN rows for classes without samples."""
+        self._require_data()
+        mu = self._shift + self._acc[:, : self.dim]
+        return mu.masked_fill(self._acc[:, self.dim, None] == 0, math.nan)
+
+    def _means0(self) -> torch.Tensor:
+        """Class means with 0 rows for empty classes."""
+        return (self._shift + self._acc[:, : self.dim]) * (self._acc[:, self.dim, None] > 0)
+
+    @property
+    def within_ss(self) -> torch.Tensor | None:
+        """sum_{i in k} ||h_i - mu_k||^2 per class (K,), float64."""
         self.check()
         return None if self._acc is None else self._acc[:, self.dim + 1]
 
+    @property
+    def sums(self) -> torch.Tensor | None:
+        """sum_{i in k} h_i = n_k mu_k per class (K, d), float64 (raises first a pending deferred
+        error)."""
+        self.check()
+        return None if self._acc is None else self._means0() * self._acc[:, self.dim, None]
+
+    @property
+    def sq_norms(self) -> torch.Tensor | None:
+        """sum_{i in k} ||h_i||^2 = within SS + n_k ||mu_k||^2 per class (K,), float64."""
+        self.check()
+        if self._acc is None:
+            return None
+        mu = self._means0()
+        return self._acc[:, self.dim + 1] + self._acc[:, self.dim] * (mu * mu).sum(1)
+
+    def _uncentre(self, scatter: torch.Tensor) -> torch.Tensor:
+        mu = self._means0()
+        return scatter + (mu * self._acc[:, self.dim, None]).T @ mu
+
+    @property
+    def within_scatter(self) -> torch.Tensor:
+        """N Sigma_W = sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T (d, d), float64."""
+        self._require_data()
+        if self._class_scatter is not None:
+            return self._class_scatter.sum(0)
+        if self._scatter is None:
+            raise ValueError(
+                "this ClassStats was built with low_memory=True and holds no d x d scatter: "
+                "use nclab.metrics.nc1_lowmem(data, ...) (two passes, O(K d) memory) for NC1"
+            )
+        return self._scatter
+
+    @property
+    def Sigma_W(self) -> torch.Tensor:  # noqa: N802 (the paper's symbol)
+        """Within-class covariance Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T."""
+        return self.within_scatter / float(self.counts.sum())
+
+    @property
+    def class_scatters(self) -> torch.Tensor | None:
+        """sum_{i in k} (h_i - mu_k)(h_i - mu_k)^T per class (K, d, d), if ``second_moments``."""
+        self.check()
+        return self._class_scatter
+
+    @property
+    def second_moment(self) -> torch.Tensor | None:
+        """S = sum_i h_i h_i^T (d, d), float64; None with ``low_memory`` or ``second_moments``
+        (then see ``class_second_moments``)."""
+        self.check()
+        return None if self._scatter is None else self._uncentre(self._scatter)
+
+    @property
+    def class_second_moments(self) -> torch.Tensor | None:
+        """sum_{i in k} h_i h_i^T per class (K, d, d), float64, if ``second_moments``."""
+        self.check()
+        if self._class_scatter is None:
+            return None
+        mu = self._means0()
+        return self._class_scatter + (mu * self._acc[:, self.dim, None])[:, :, None] * mu[:, None, :]
+
+    @property
+    def total_second_moment(self) -> torch.Tensor:
+        """S = sum_i h_i h_i^T (d, d), float64 (prefer ``within_scatter``: exact under offsets)."""
+        return self._uncentre(self.within_scatter)
+
     def reset(self) -> ClassStats:
         """Zero every statistic (keeps K, d and the device)."""
+        self.check()
         for t in self._tensors().values():
             t.zero_()
         return self
@@ -275,7 +416,7 @@ class ClassStats:
             nonfinite = int((~torch.isfinite(h)).sum()) if h.dtype.is_floating_point else 0
             bad_y = int(((y < 0) | (y >= k)).sum())
             if not bad_y and not nonfinite:
-                raise DegenerateFeaturesError("squared feature norms overflow float64: rescale the features")
+                raise DegenerateFeaturesError(_OVERFLOW)
             _raise_bad(h, y, k, nonfinite, bad_y)
         return self
 
@@ -292,25 +433,6 @@ class ClassStats:
         if self.counts is None:
             return list(range(self.num_classes))
         return torch.nonzero(self.counts == 0).flatten().tolist()
-
-    @property
-    def means(self) -> torch.Tensor:
-        """Class means mu_k (K, d), float64; NaN rows for classes without samples."""
-        self._require_data()
-        return self.sums / self.counts[:, None]
-
-    @property
-    def total_second_moment(self) -> torch.Tensor:
-        """S = sum_i h_i h_i^T (d, d), float64."""
-        self._require_data()
-        if self.class_second_moments is not None:
-            return self.class_second_moments.sum(0)
-        if self.second_moment is None:
-            raise ValueError(
-                "this ClassStats was built with low_memory=True and holds no d x d second moment: "
-                "use nclab.metrics.nc1_lowmem(data, ...) (two passes, O(K d) memory) for NC1"
-            )
-        return self.second_moment
 
     def _require_data(self) -> None:
         self.check()
@@ -346,65 +468,65 @@ class ClassStats:
         self.check()  # a previous batch's deferred error fires first
         if self._acc is None:
             self._allocate(h.shape[1], h.device)
-        d, k = h.shape[1], self.num_classes
         y = y.long()
         deferred = self.check_mode == "deferred" or (self.check_mode == "auto"
                                                      and h.device.type != "cpu")
-        if deferred and h.device.type == "cuda" and self.class_second_moments is None:
+        if deferred and h.device.type == "cuda" and self._class_scatter is None:
             graph = self._graph_for(h, y)
             if graph is not None:
                 return self._replay(graph, h, y)
-        if deferred:  # no sync: a bad batch adds zeros; its error is raised later
+        if deferred:  # no sync: a bad batch adds nothing; its error is raised later
             flags = torch.zeros(2, dtype=_F64, device=h.device)
-            h64 = self._accumulate_deferred(h, y, flags)
+            self._accumulate(h, y, flags)
             host = torch.empty(2, dtype=_F64, pin_memory=h.device.type == "cuda")
             host.copy_(flags, non_blocking=True)
             event = torch.cuda.Event() if h.device.type == "cuda" else _Done()
             event.record()
             self._pending = (host, event, h, y)
-        else:  # one device sync, before anything touches the state
-            y_safe = y.clamp(0, k - 1)
-            bad, nf = torch.stack([(y_safe != y).sum(), (~torch.isfinite(h)).sum()
-                                   if h.dtype.is_floating_point else y.new_zeros(())]).tolist()
-            if bad or nf:
-                _raise_bad(h, y, k, nf, bad)
-            aug = _augmented(h)
-            h64 = aug[:, :d]
-            _class_sums(self._acc, y, aug)
-        if self.class_second_moments is not None:
-            order = torch.argsort(y)
-            ys, hs = y[order], h64[order]
-            classes, sizes = torch.unique_consecutive(ys, return_counts=True)
-            start = 0
-            for c, n_c in zip(classes.tolist(), sizes.tolist()):
-                hc = hs[start:start + n_c]
-                self.class_second_moments[c].addmm_(hc.T, hc)
-                start += n_c
-        elif self.second_moment is not None and not deferred:  # (deferred: added already)
-            self.second_moment.addmm_(h64.T, h64)
+        else:
+            self._accumulate(h, y, None)
         return self
 
-    # ---------------------------------------------------------------- CUDA-graph update
-    def _accumulate_deferred(self, h: torch.Tensor, y: torch.Tensor,
-                             flags: torch.Tensor) -> torch.Tensor:
-        """The update's device work with no host sync (few kernels: it is also captured in a CUDA
-        graph). ``flags`` receives [number of bad labels, sum of squared norms] (the latter is
-        non-finite iff some feature is NaN/Inf); a bad batch adds exact zeros. Returns the
-        float64 features (zeroed for a bad batch)."""
-        d, k = h.shape[1], self.num_classes
+    def _accumulate(self, h: torch.Tensor, y: torch.Tensor, flags: torch.Tensor | None) -> None:
+        """Fold the batch into the state (Chan et al.). ``flags`` None: eager, one device sync
+        before the state changes, raising on bad input. Else deferred (no host sync, so it is also
+        captured in a CUDA graph when there are no per-class scatters): ``flags`` receives [number
+        of bad labels, the batch's within sum of squares] (non-finite iff a feature is NaN/Inf or
+        squares overflow) and a bad batch changes nothing."""
+        n, d = h.shape
+        k = self.num_classes
         y_safe = y.clamp(0, k - 1)
-        aug = _augmented(h)
-        torch.stack([(y_safe != y).sum().to(_F64), aug[:, d + 1].sum()], out=flags)
-        ok = (flags[0] == 0) & torch.isfinite(flags[1])
-        aug = torch.where(ok, aug, 0.0)
-        _class_sums(self._acc, y_safe, aug)
-        if self.second_moment is not None:
-            self.second_moment.addmm_(aug[:, :d].T, aug[:, :d])
-        return aug[:, :d]
+        buf = torch.empty(n, d + 1, dtype=_F64, device=h.device)
+        buf[:, :d].copy_(h)
+        buf[:, d].fill_(1.0)
+        shift = _shift_for(buf, d, self._acc, self._shift)
+        nb, mb, m2b = _batch_centred(buf, d, y_safe, k, shift)
+        c = buf[:, :d]
+        if flags is None:
+            nonfinite = (~torch.isfinite(h)).sum() if h.dtype.is_floating_point else y.new_zeros(())
+            bad, nf, total = torch.stack([(y_safe != y).sum().to(_F64), nonfinite.to(_F64),
+                                          m2b.sum()]).tolist()
+            if bad or nf:
+                _raise_bad(h, y, k, int(nf), int(bad))
+            if not math.isfinite(total):
+                raise DegenerateFeaturesError(_OVERFLOW)
+        else:
+            torch.stack([(y_safe != y).sum().to(_F64), m2b.sum()], out=flags)
+            ok = (flags[0] == 0) & torch.isfinite(flags[1])
+            nb, mb, m2b, c = (torch.where(ok, t, 0.0) for t in (nb, mb, m2b, c))
+            shift = torch.where(ok, shift, self._shift)
+        self._shift.copy_(shift)
+        delta, w = _chan_combine(self._acc, d, nb, mb, m2b)
+        if self._scatter is not None:
+            self._scatter.addmm_(c.T, c).addmm_((delta * w[:, None]).T, delta)
+        if self._class_scatter is not None:
+            _class_scatters_add(self._class_scatter, c, y_safe)
+            self._class_scatter.baddbmm_((delta * w[:, None])[:, :, None], delta[:, None, :])
 
+    # ---------------------------------------------------------------- CUDA-graph update
     def _graph_for(self, h: torch.Tensor, y: torch.Tensor):
         """A captured CUDA graph of the deferred update for this batch shape (one kernel launch
-        per update instead of ~20: streaming many taps then costs little CPU time)."""
+        per update instead of ~25: streaming many taps then costs little CPU time)."""
         key = (tuple(h.shape), h.dtype)
         if key in self._graphs:
             return self._graphs[key]
@@ -417,12 +539,12 @@ class ClassStats:
                     flags = torch.zeros(2, dtype=_F64, device=h.device)
                     side = torch.cuda.Stream()
                     side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):  # warm-up: labels -1 make it add zeros
-                        self._accumulate_deferred(static_h, static_y, flags)
+                    with torch.cuda.stream(side):  # warm-up: labels -1 make it change nothing
+                        self._accumulate(static_h, static_y, flags)
                     torch.cuda.current_stream().wait_stream(side)
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g):
-                        self._accumulate_deferred(static_h, static_y, flags)
+                        self._accumulate(static_h, static_y, flags)
                     graph = (g, static_h, static_y, flags)
             except Exception:  # capture unsupported here: the plain deferred path is used
                 graph = None
@@ -457,28 +579,42 @@ class ClassStats:
 
     @torch.no_grad()
     def merge(self, other: ClassStats) -> ClassStats:
-        """Add ``other``'s statistics into ``self`` in place (moved to ``self``'s device). Merging an
-        object into itself is refused (it would double every count)."""
+        """Add ``other``'s statistics into ``self`` in place (moved to ``self``'s device), by the
+        pairwise update of centred moments. Merging an object into itself is refused (it would
+        double every count)."""
         self._compatible(other)
         if other is self:
             raise ValueError("cannot merge a ClassStats into itself (every count would double); "
                              "merge a copy or another object")
         self.check()
         other.check()
-        if other._acc is None:
+        if other._acc is None or float(other._acc[:, other.dim].sum()) == 0:
             return self
         if self._acc is None:
             self._allocate(other.dim, self.device if self.device is not None else other.device)
-        for name, t in other._tensors().items():
-            getattr(self, name).add_(t.to(self.device))
+        theirs = {n: t.to(self.device) for n, t in other._tensors().items()}
+        d = self.dim
+        if float(self._acc[:, d].sum()) == 0:
+            for name, t in theirs.items():
+                getattr(self, name).copy_(t)
+            return self
+        acc = theirs["_acc"]
+        mb = acc[:, :d] + (theirs["_shift"] - self._shift)  # their means relative to our shift
+        delta, w = _chan_combine(self._acc, d, acc[:, d], mb, acc[:, d + 1])
+        if self._scatter is not None:
+            self._scatter.add_(theirs["_scatter"]).addmm_((delta * w[:, None]).T, delta)
+        if self._class_scatter is not None:
+            self._class_scatter.add_(theirs["_class_scatter"]).baddbmm_(
+                (delta * w[:, None])[:, :, None], delta[:, None, :])
         return self
 
     @torch.no_grad()
     def sync(self, group=None) -> ClassStats:
-        """Sum the statistics of every ``torch.distributed`` rank into every rank (all-reduce).
+        """Combine the statistics of every ``torch.distributed`` rank into every rank.
 
         Call it once, after the last ``update`` on each rank. A no-op when ``torch.distributed`` is
-        not initialised (single process). Ranks that saw no data take part with zeros."""
+        not initialised (single process). Ranks that saw no data take part with zeros. Centred
+        moments cannot simply be summed: see :meth:`_sync_with` for the three all-reduces."""
         import torch.distributed as dist
 
         self.check()
@@ -497,8 +633,53 @@ class ClassStats:
             raise ValueError(f"ranks disagree on the feature width: {self.dim} here, {dim} elsewhere")
         if self._acc is None:
             self._allocate(dim, dev)
-        for t in self._tensors().values():
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return self._sync_with(lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group))
+
+    @torch.no_grad()
+    def _sync_with(self, reduce_sum: Callable[[torch.Tensor], object]) -> ClassStats:
+        """The combination behind :meth:`sync`, for any in-place sum over ranks ``reduce_sum``.
+
+        1. A common shift ``c``: the count-weighted mean of the ranks' shifts; each rank re-expresses
+           its means relative to it (a difference of nearby vectors, exact).
+        2. Sum ``n_k`` and ``n_k (mu_k - c)`` -> the global means ``m_k`` relative to ``c``.
+        3. Each rank adds its parallel-axis term ``n_k^r (mu_k^r - m_k)(mu_k^r - m_k)^T`` to its
+           scatters (and ``n_k^r ||mu_k^r - m_k||^2`` to its within sums of squares); sum those.
+        Every rank calls it once with the same sequence of reductions."""
+        d = self.dim
+        n_r = self._acc[:, d].clone()
+        total_r = n_r.sum()
+        has = total_r > 0
+        head = torch.cat([torch.where(has, self._shift * total_r, 0.0), total_r.view(1)])
+        reduce_sum(head)
+        total = float(head[d])
+        if total == 0:
+            return self
+        shift = head[:d] / total
+        present = (n_r > 0)[:, None]
+        rel = torch.where(present, self._acc[:, :d] + (self._shift - shift), 0.0)
+        first = torch.cat([rel * n_r[:, None], n_r[:, None]], 1)
+        reduce_sum(first)
+        n = first[:, d]
+        mean = first[:, :d] / n.clamp_min(1.0)[:, None]
+        delta = torch.where(present, rel - mean, 0.0)
+        wd = delta * n_r[:, None]
+        m2 = self._acc[:, d + 1] + (wd * delta).sum(1)
+        parts = [m2.view(-1)]
+        if self._scatter is not None:
+            parts.append((self._scatter + wd.T @ delta).view(-1))
+        if self._class_scatter is not None:
+            parts.append((self._class_scatter + wd[:, :, None] * delta[:, None, :]).view(-1))
+        flat = torch.cat(parts)
+        reduce_sum(flat)
+        k = self.num_classes
+        self._shift.copy_(shift)
+        self._acc[:, :d].copy_(mean)
+        self._acc[:, d].copy_(n)
+        self._acc[:, d + 1].copy_(flat[:k])
+        if self._scatter is not None:
+            self._scatter.copy_(flat[k:k + d * d].view(d, d))
+        if self._class_scatter is not None:
+            self._class_scatter.copy_(flat[k:].view(k, d, d))
         return self
 
     def to(self, device: torch.device | str) -> ClassStats:
@@ -520,13 +701,14 @@ class ClassStatsGroup:
     ``group.update({name: h_name}, y)`` has the effect of ``stats[name].update(h_name, y)`` for
     every name, and ``group.stats()`` returns those ``{name: ClassStats}`` (the same numbers up to
     float64 summation order; empty ones for every name in ``names`` if no batch came). Instead of
-    ~16 small kernels per feature set, a batch costs one concatenation into a joint float64 buffer
-    ``[h_1 | ... | h_T | 1 | ||h_1||^2 ... ||h_T||^2]`` (feature sets of equal width side by side),
-    one ``index_add`` for every class sum, count and squared norm, and one batched GEMM
-    ``S_g += H_g^T H_g`` per group of equal widths: ~20 launches whatever T (ResNet-18's 9 taps: 4
-    width groups; a ViT's 12 layers: 1). Every name must come in every update, in one order:
-    ``names`` if given, else the first update's. ``check`` and ``low_memory`` mean what they mean
-    for :class:`ClassStats`; errors name the feature set that caused them."""
+    ~25 small kernels per feature set, a batch costs one concatenation into a joint float64 buffer
+    ``[h_1 | ... | h_T | 1]`` (feature sets of equal width side by side), one ``index_add`` for
+    every class sum and count, one for the per-tap within sums of squares, and per group of equal
+    widths two batched GEMMs (the centred scatter ``C_g^T C_g`` and Chan's correction
+    ``Delta_g^T diag(w) Delta_g``): ~35 launches whatever T (ResNet-18's 9 taps: 4 width groups; a
+    ViT's 12 layers: 1). Every name must come in every update, in one order: ``names`` if given,
+    else the first update's. ``check`` and ``low_memory`` mean what they mean for
+    :class:`ClassStats`; errors name the feature set that caused them."""
 
     def __init__(self, num_classes: int, device: torch.device | str | None = None,
                  low_memory: bool = False, check: str = "auto",
@@ -545,9 +727,10 @@ class ClassStatsGroup:
         self._order: list[str] = []  # names sorted by width (stable): equal widths adjacent
         self._offsets: dict[str, int] = {}
         self._groups: list[tuple[int, int, list[str]]] = []  # (width, first column, names)
-        self._moments: list[torch.Tensor] = []  # per group (G, d, d)
+        self._moments: list[torch.Tensor] = []  # per group (G, d, d): centred within scatters
         self._indicator: torch.Tensor | None = None  # (D, T): column t sums tap t's squares
-        self._acc: torch.Tensor | None = None  # (K, D + 1 + T)
+        self._shift: torch.Tensor | None = None  # (D,)
+        self._acc: torch.Tensor | None = None  # (K, D + 1 + T): [means - shift | counts | SS]
         self._pending: tuple | None = None
 
     def __repr__(self) -> str:
@@ -573,6 +756,7 @@ class ClassStatsGroup:
         self._indicator = torch.zeros(total, t, dtype=_F64, device=device)
         for j, n in enumerate(self._order):
             self._indicator[self._offsets[n]:self._offsets[n] + self._dims[n], j] = 1.0
+        self._shift = torch.zeros(total, dtype=_F64, device=device)
         self._acc = torch.zeros(self.num_classes, total + 1 + t, dtype=_F64, device=device)
         self._moments = [] if self.low_memory else [
             torch.zeros(len(ns), d, d, dtype=_F64, device=device) for d, _, ns in self._groups]
@@ -612,7 +796,7 @@ class ClassStatsGroup:
                     _raise_bad(h, y, k, nonfinite, bad_y)
                 except ValueError as err:
                     raise ValueError(f"{name!r}: {err}") from None
-        raise DegenerateFeaturesError("squared feature norms overflow float64: rescale the features")
+        raise DegenerateFeaturesError(_OVERFLOW)
 
     def check(self) -> ClassStatsGroup:
         """Raise now the ``ValueError`` of a bad batch found by a deferred check (if any)."""
@@ -631,32 +815,41 @@ class ClassStatsGroup:
             return self
         if self._acc is None:
             self._allocate(hs, next(iter(hs.values())).device)
-        k = self.num_classes
+        k, total = self.num_classes, self._indicator.shape[0]
         y = y.long()
-        h64 = torch.cat([hs[name] for name in self._order], 1).to(_F64)
-        sq = (h64 * h64) @ self._indicator
-        buf = torch.cat([h64, h64.new_ones(n, 1), sq], 1)
         y_safe = y.clamp(0, k - 1)
+        buf = torch.empty(n, total + 1, dtype=_F64, device=y.device)
+        buf[:, :total].copy_(torch.cat([hs[name] for name in self._order], 1))
+        buf[:, total].fill_(1.0)
+        shift = _shift_for(buf, total, self._acc, self._shift)
+        nb, mb, m2b = _batch_centred(buf, total, y_safe, k, shift, self._indicator)
+        c = buf[:, :total]
         deferred = self.check_mode == "deferred" or (self.check_mode == "auto"
                                                      and y.device.type != "cpu")
-        if deferred:  # no host sync; a bad batch adds zeros and raises at the next call
-            flags = torch.stack([(y_safe != y).sum().to(_F64), sq.sum()])
+        flags = torch.stack([(y_safe != y).sum().to(_F64), m2b.sum()])
+        if deferred:  # no host sync; a bad batch changes nothing and raises at the next call
             ok = (flags[0] == 0) & torch.isfinite(flags[1])
-            buf = torch.where(ok, buf, 0.0)
+            nb, mb, m2b, c = (torch.where(ok, t, 0.0) for t in (nb, mb, m2b, c))
+            shift = torch.where(ok, shift, self._shift)
             host = torch.empty(2, dtype=_F64, pin_memory=y.device.type == "cuda")
             host.copy_(flags, non_blocking=True)
             event = torch.cuda.Event() if y.device.type == "cuda" else _Done()
             event.record()
             self._pending = (host, event, dict(hs), y)
         else:
-            bad, finite = torch.stack([(y_safe != y).sum().to(_F64),
-                                       torch.isfinite(sq).all().to(_F64)]).tolist()
-            if bad or not finite:
+            bad, sq_total = flags.tolist()
+            if bad or not math.isfinite(sq_total):
                 self._raise_for(hs, y)
-        _class_sums(self._acc, y_safe, buf)
+        self._shift.copy_(shift)
+        delta, w = _chan_combine(self._acc, total, nb, mb, m2b, self._indicator)
+        wdelta = delta * w[:, None]
         for (d, col, names), s in zip(self._groups, self._moments):
-            hg = buf[:, col:col + len(names) * d].view(n, len(names), d).transpose(0, 1)
-            s.baddbmm_(hg.transpose(1, 2), hg)
+            g = len(names)
+            cg = c[:, col:col + g * d].view(n, g, d).transpose(0, 1)  # (G, N, d)
+            s.baddbmm_(cg.transpose(1, 2), cg)
+            dg = delta[:, col:col + g * d].view(k, g, d).transpose(0, 1)  # (G, K, d)
+            wg = wdelta[:, col:col + g * d].view(k, g, d).transpose(0, 1)
+            s.baddbmm_(wg.transpose(1, 2), dg)
         return self
 
     def stats(self) -> dict[str, ClassStats]:
@@ -676,10 +869,11 @@ class ClassStatsGroup:
             d, col, j = self._dims[name], self._offsets[name], position[name]
             cs = ClassStats(self.num_classes, dim=d, device=self.device,
                             low_memory=self.low_memory, check=self.check_mode)
+            cs._shift.copy_(self._shift[col:col + d])
             cs._acc.copy_(torch.cat([self._acc[:, col:col + d], self._acc[:, total:total + 1],
                                      self._acc[:, total + 1 + j:total + 2 + j]], 1))
             if not self.low_memory:
                 gi, i = moment_of[name]
-                cs.second_moment.copy_(self._moments[gi][i])
+                cs._scatter.copy_(self._moments[gi][i])
             out[name] = cs
         return out

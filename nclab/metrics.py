@@ -20,7 +20,10 @@ the d x K matrix ``M~`` (done on the CPU: it is tiny); with ``U`` its r left sin
 
 so only the projections of the centred features on r directions are needed. With
 ``(features, labels)`` this takes two passes over the data and O(K d) memory (no d x d matrix); a
-:class:`ClassStats` instead keeps the d x d second moment so that one streaming pass suffices.
+:class:`ClassStats` instead keeps the d x d within-class scatter ``N Sigma_W`` so that one
+streaming pass suffices. Both routes read centred moments only (class means relative to a shift,
+within-class scatters about the class means), so a feature offset far larger than the spread does
+not cost digits (to 1e-8 relative at an offset 1e8 times the spread, float64 input).
 :func:`nc1_lowmem` runs the two-pass route on any re-iterable stream (features too wide for d x d).
 
 The streaming statistics themselves (:class:`ClassStats`, :class:`ClassStatsGroup`: input checks,
@@ -93,10 +96,11 @@ class _Moments:
     """First-order statistics of the present classes, with within-class sums of squares."""
 
     counts: torch.Tensor  # (K',) float64
-    means: torch.Tensor  # (K', d) float64
+    means: torch.Tensor  # (K', d) float64, relative to ``shift`` (mu_k - c)
     within_ss: torch.Tensor  # (K',) sum_{i in k} ||h_i - mu_k||^2
     classes: list[int]  # original indices of the present classes
     num_classes: int  # K before dropping missing classes
+    shift: torch.Tensor  # (d,) c: every measure but cdnv's coincidence scale is shift-invariant
 
     @property
     def k(self) -> int:
@@ -128,10 +132,9 @@ def _present(counts: torch.Tensor, allow_missing: bool) -> torch.Tensor:
 def _moments_from_stats(stats: ClassStats, allow_missing: bool) -> _Moments:
     stats._require_data()
     keep = _present(stats.counts, allow_missing)
-    counts = stats.counts[keep]
-    means = stats.sums[keep] / counts[:, None]
-    within = (stats.sq_norms[keep] - counts * (means * means).sum(1)).clamp_min(0)
-    return _Moments(counts, means, within, keep.tolist(), stats.num_classes)
+    shift, rel = stats._relative_means()
+    return _Moments(stats.counts[keep], rel[keep], stats.within_ss[keep], keep.tolist(),
+                    stats.num_classes, shift)
 
 
 def _chunked(h: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -140,24 +143,11 @@ def _chunked(h: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch
     return [(h[i:i + rows], y[i:i + rows]) for i in range(0, max(1, len(h)), rows)]
 
 
-def _centred_pass(
-    data: Iterable[tuple[torch.Tensor, torch.Tensor]], means_all: torch.Tensor
-) -> torch.Tensor:
-    """Per-class sum of ||h - mu_y||^2 from exact centred features (``means_all`` (K, d))."""
-    within = torch.zeros(means_all.shape[0], dtype=_F64, device=means_all.device)
-    for h, y in data:
-        if h.shape[0] == 0:
-            continue
-        y = y.to(means_all.device).long()
-        c = h.to(device=means_all.device, dtype=_F64) - means_all[y]
-        within.index_add_(0, y, torch.linalg.vector_norm(c, dim=1) ** 2)
-    return within
-
-
 def _features_sums(
     h: torch.Tensor, y: torch.Tensor, num_classes: int | None, allow_missing: bool
 ) -> tuple[_Moments, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """Pass 1 over in-memory features: class counts and means (``within_ss`` not yet exact)."""
+    """One pass over in-memory features: class counts, means (relative to the shift, all K rows,
+    0 for empty classes) and exact within-class sums of squares (centred moments)."""
     _check_features(h)
     _check_labels(y, h.shape[0])
     _check_same_device(h, y)
@@ -167,25 +157,24 @@ def _features_sums(
     for hc, yc in chunks:
         stats.update(hc, yc)
     mom = _moments_from_stats(stats, allow_missing)
-    return mom, chunks, stats.means.nan_to_num(0.0)
+    return mom, chunks, stats._relative_means()[1]
 
 
 def _features_moments(
     h: torch.Tensor, y: torch.Tensor, num_classes: int | None, allow_missing: bool
 ) -> _Moments:
     """Class moments of in-memory features with exact (centred) within-class sums of squares."""
-    mom, chunks, means_all = _features_sums(h, y, num_classes, allow_missing)
-    within = _centred_pass(chunks, means_all)
-    mom.within_ss = within[mom.classes]
-    return mom
+    return _features_sums(h, y, num_classes, allow_missing)[0]
 
 
 def _proj_pass(
     data: Iterable[tuple[torch.Tensor, torch.Tensor]],
     means_all: torch.Tensor,
     u_scaled: torch.Tensor,
+    shift: torch.Tensor,
 ) -> torch.Tensor:
-    """sum_i ||(h_i - mu_{y_i}) U Lambda^{-1/2}||^2, as h U - (M U)[y] (one GEMM per chunk)."""
+    """sum_i ||(h_i - mu_{y_i}) U Lambda^{-1/2}||^2, as (h - c) U - ((M - c) U)[y] (one GEMM per
+    chunk; ``means_all`` are the class means relative to the shift ``c``)."""
     mu_u = means_all @ u_scaled
     proj = torch.zeros((), dtype=_F64, device=means_all.device)
     for h, y in data:
@@ -194,7 +183,7 @@ def _proj_pass(
         if h.shape[0] == 0:
             continue
         y = y.to(means_all.device).long()
-        p = h.to(device=means_all.device, dtype=_F64) @ u_scaled
+        p = (h.to(device=means_all.device, dtype=_F64) - shift) @ u_scaled
         p -= mu_u[y]
         proj += (p * p).sum()
     return proj
@@ -213,12 +202,28 @@ def _resolve(x, labels, num_classes, allow_missing, fn: str) -> tuple[_Moments, 
     return _finite_moments(_features_moments(x, labels, num_classes, allow_missing), fn), None
 
 
+def _undefined(fn: str, why: str) -> DegenerateFeaturesError:
+    """The one error of every degenerate case: '<measure> is undefined: <why>'."""
+    return DegenerateFeaturesError(f"{fn} is undefined: {why}")
+
+
+def _spread(value: float, fn: str, what: str) -> float:
+    """``value`` - a size of the between-class spread (a trace, a norm, an eigenvalue) - if it is
+    positive and finite; else ``fn``'s DegenerateFeaturesError: 0 means all class means coincide,
+    inf or NaN an overflow of float64."""
+    if value > 0 and math.isfinite(value):
+        return value
+    why = ("all class means coincide (zero between-class spread)" if value == 0 else
+           "it overflows float64; rescale the features")
+    raise _undefined(fn, f"{what} = {value} ({why})")
+
+
 def _finite_moments(mom: _Moments, fn: str) -> _Moments:
     """``mom``, or a DegenerateFeaturesError when a class mean or within-class sum of squares is
     not finite (feature values whose squares overflow float64)."""
-    if not (bool(torch.isfinite(mom.means).all()) and bool(torch.isfinite(mom.within_ss).all())):
-        raise DegenerateFeaturesError(f"{fn} is undefined: class means or within-class variances "
-                                      f"overflow float64 (feature values too large); rescale the features")
+    if not all(bool(torch.isfinite(t).all()) for t in (mom.means, mom.within_ss, mom.shift)):
+        raise _undefined(fn, "class means or within-class variances overflow float64 (feature "
+                             "values too large); rescale the features")
     return mom
 
 
@@ -250,17 +255,9 @@ def _sigma_b_eig(m_tilde: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torc
     k = m_tilde.shape[0]
     m_cpu = m_tilde.cpu()
     gram = m_cpu @ m_cpu.T
-    if not bool(torch.isfinite(gram).all()):
-        raise DegenerateFeaturesError("NC1 is undefined: the between-class Gram of the class means "
-                                      "overflows float64; rescale the features")
-    if float(gram.diagonal().max()) == 0:
-        raise DegenerateFeaturesError("all class means coincide (Sigma_B = 0): NC1 is undefined "
-                                      "(zero between-class spread)")
+    _spread(float(gram.diagonal().max()), "NC1", "max_k ||mu_k - mu_G||^2")
     evals, evecs = torch.linalg.eigh(gram)
-    lam_max = float(evals[-1]) / k
-    if lam_max <= 0:
-        raise DegenerateFeaturesError("all class means coincide (Sigma_B = 0): NC1 is undefined "
-                                      "(zero between-class spread)")
+    lam_max = _spread(float(evals[-1]) / k, "NC1", "lambda_max(Sigma_B)")
     lam = evals / k
     keep = lam > rtol * lam_max
     if float(lam[keep].min()) >= 1e-6 * lam_max:
@@ -293,16 +290,13 @@ def nc1(
     if isinstance(x, ClassStats):
         mom, stats = _resolve(x, labels, num_classes, allow_missing, "nc1")
         u, lam = _sigma_b_eig(_centred_means(mom, global_mean), rtol)
-        s = stats.total_second_moment
-        mu_u = mom.means @ u  # (K', r)
-        quad = ((s @ u) * u).sum(0) - (mom.counts[:, None] * mu_u * mu_u).sum(0)
-        w = quad.clamp_min(0) / mom.n  # u_j^T Sigma_W u_j
+        w = ((stats.within_scatter @ u) * u).sum(0) / mom.n  # u_j^T Sigma_W u_j
         return float((w / lam).sum()) / mom.k
     if labels is None:
         raise ValueError("nc1 needs a ClassStats, or features and labels: nc1(H, y)")
     mom, chunks, means_all = _features_sums(x, labels, num_classes, allow_missing)
     u, lam = _sigma_b_eig(_centred_means(mom, global_mean), rtol)
-    proj = _proj_pass(chunks, means_all, u / lam.sqrt())
+    proj = _proj_pass(chunks, means_all, u / lam.sqrt(), mom.shift)
     return float(proj) / mom.n / mom.k
 
 
@@ -339,7 +333,7 @@ def nc1_lowmem(
         stats.update(h if device is None else h.to(device), y if device is None else y.to(device))
     mom = _moments_from_stats(stats, allow_missing)
     u, lam = _sigma_b_eig(_centred_means(mom, global_mean), rtol)
-    proj = _proj_pass(stream(), stats.means.nan_to_num(0.0), u / lam.sqrt())
+    proj = _proj_pass(stream(), stats._relative_means()[1], u / lam.sqrt(), mom.shift)
     return float(proj) / mom.n / mom.k
 
 
@@ -355,10 +349,7 @@ def nc1_trace(
     mom, _ = _resolve(x, labels, num_classes, allow_missing, "nc1_trace")
     tr_w = float(mom.within_ss.sum()) / mom.n
     m = _centred_means(mom, global_mean)
-    tr_b = float((m * m).sum()) / mom.k
-    if not (tr_b > 0 and math.isfinite(tr_b)):
-        raise DegenerateFeaturesError(f"nc1_trace is undefined: tr(Sigma_B) = {tr_b} (all class means "
-                                      f"coincide, or their spread overflows float64)")
+    tr_b = _spread(float((m * m).sum()) / mom.k, "nc1_trace", "tr(Sigma_B)")
     return tr_w / tr_b
 
 
@@ -377,17 +368,15 @@ def cdnv(
     dist2 = _pairwise_sq(mom.means)
     k = mom.k
     off = ~torch.eye(k, dtype=torch.bool, device=dist2.device)
-    # coinciding up to float64 rounding: ||mu_i - mu_j|| <= 1e-12 max_k ||mu_k||
-    scale2 = float((mom.means * mom.means).sum(1).max())
+    # coinciding up to float64 rounding: ||mu_i - mu_j|| <= 1e-12 max_k ||mu_k|| (absolute means)
+    absolute = mom.means + mom.shift
+    scale2 = float((absolute * absolute).sum(1).max())
     same = torch.nonzero((dist2 <= 1e-24 * scale2) & off)
     if len(same):
         i, j = (mom.classes[int(t)] for t in same[0])
-        raise DegenerateFeaturesError(f"cdnv is undefined: classes {i} and {j} have coinciding means "
-                                      f"(||mu_i - mu_j|| <= 1e-12 max ||mu_k||; {len(same) // 2} such "
-                                      f"pairs)")
-    if not bool(torch.isfinite(dist2).all()):
-        raise DegenerateFeaturesError("cdnv is undefined: distances between class means overflow "
-                                      "float64; rescale the features")
+        raise _undefined("cdnv", f"classes {i} and {j} have coinciding means (||mu_i - mu_j|| <= "
+                                 f"1e-12 max ||mu_k||; {len(same) // 2} such pairs)")
+    _spread(float(dist2.max()), "cdnv", "max ||mu_i - mu_j||^2")
     ratio = (var[:, None] + var[None, :]) / (2 * dist2)
     return float(ratio[off].mean())
 
@@ -429,11 +418,10 @@ def _power_top_eig(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Ten
 def _rank_ratio(fro: float, top: float, k: int) -> float:
     """||H_k||_F^2 / ||H_k||_2^2, or a DegenerateFeaturesError for all-zero or overflowing H_k."""
     if not (math.isfinite(fro) and math.isfinite(top)):
-        raise DegenerateFeaturesError(f"numerical_rank is undefined: class {k}'s squared features "
-                                      f"overflow float64; rescale the features")
+        raise _undefined("numerical_rank", f"class {k}'s squared features overflow float64; rescale "
+                                           f"the features")
     if top <= 0:
-        raise DegenerateFeaturesError(f"numerical_rank is undefined: class {k}'s features are all zero "
-                                      f"(||H_k||_2 = 0)")
+        raise _undefined("numerical_rank", f"class {k}'s features are all zero (||H_k||_2 = 0)")
     return fro / top
 
 
@@ -461,15 +449,21 @@ def numerical_rank(
                              "with second_moments=True (K*d*d memory), or pass features and labels")
         x._require_data()
         keep = _present(x.counts, allow_missing).tolist()
+        second, sums, sq_norms = x.class_second_moments, x.sums, x.sq_norms  # formed once
+        shift, _ = x._relative_means()
+        # all-zero up to the rounding of means stored relative to the shift c: ||h||^2 <= (1e-12 ||c||)^2
+        zero = sq_norms <= 1e-24 * float(shift @ shift) * x.counts
         ranks = []
         for k in keep:
-            s_k = x.class_second_moments[k]
-            v0 = x.sums[k] + 1e-3 * x.sums[k].norm() * torch.randn(
+            if bool(zero[k]):
+                _rank_ratio(0.0, 0.0, k)  # raises: class k's features are all zero
+            s_k = second[k]
+            v0 = sums[k] + 1e-3 * sums[k].norm() * torch.randn(
                 x.dim, generator=gen, dtype=_F64).to(s_k.device)
             if float(v0.norm()) == 0:
                 v0 = torch.ones(x.dim, dtype=_F64, device=s_k.device)
             top = _power_top_eig(lambda v, s_k=s_k: s_k @ v, v0, tol, max_iter)
-            ranks.append(_rank_ratio(float(x.sq_norms[k]), top, k))
+            ranks.append(_rank_ratio(float(sq_norms[k]), top, k))
         return sum(ranks) / len(ranks)
     if labels is None:
         raise ValueError("numerical_rank needs a ClassStats or features and labels")
@@ -535,9 +529,7 @@ def equinorm(
     """NC2 equinorm: std / mean of the norms ||mu_k - mu_G|| (population std; 0 = equal norms)."""
     mom, _ = _resolve(x, labels, num_classes, allow_missing, "equinorm")
     norms = _centred_means(mom, global_mean).norm(dim=1)
-    if not (float(norms.mean()) > 0 and bool(torch.isfinite(norms).all())):
-        raise DegenerateFeaturesError("equinorm is undefined: every centred class mean has length 0 "
-                                      "(all class means coincide) or a length overflows float64")
+    _spread(float(norms.mean()), "equinorm", "the mean length of the centred class means")
     return float(norms.std(correction=0) / norms.mean())
 
 
@@ -556,11 +548,10 @@ def equiangularity(
     norms = m.norm(dim=1, keepdim=True)
     zero = torch.nonzero(norms.flatten() == 0).flatten().tolist()
     if zero:
-        raise DegenerateFeaturesError(f"equiangularity is undefined: the centred means of classes "
-                                      f"{[mom.classes[i] for i in zero][:20]} have length 0 (they "
-                                      f"equal the global mean), so their angles are undefined")
-    if not bool(torch.isfinite(norms).all()):
-        raise DegenerateFeaturesError("equiangularity is undefined: class-mean lengths overflow float64")
+        raise _undefined("equiangularity", f"the centred means of classes "
+                                           f"{[mom.classes[i] for i in zero][:20]} have length 0 (they "
+                                           f"equal the global mean), so their angles are undefined")
+    _spread(float(norms.max()), "equiangularity", "the largest centred class-mean length")
     m = m / norms
     cos = m @ m.T
     off = ~torch.eye(mom.k, dtype=torch.bool, device=m.device)
@@ -586,10 +577,7 @@ def etf_error(
     mom, _ = _resolve(x, labels, num_classes, allow_missing, "etf_error")
     m = _centred_means(mom, global_mean)
     g = m @ m.T
-    g_norm = float(g.norm())
-    if not (g_norm > 0 and math.isfinite(g_norm)):
-        raise DegenerateFeaturesError(f"etf_error is undefined: the Gram of the centred class means has "
-                                      f"norm {g_norm} (all class means coincide, or it overflows float64)")
+    _spread(float(g.norm()), "etf_error", "||G||_F of the centred class means' Gram")
     return _etf_distance(g)
 
 

@@ -49,10 +49,15 @@ def test_num_classes_numpy_integers_and_bool():
         assert ClassStats(k).update(h, y).num_classes == 3
         assert ClassStatsGroup(k).num_classes == 3
         assert nc1(h, y, num_classes=k) == pytest.approx(nc1(h, y), rel=1e-12)
-    for bad in (True, False, 3.0, "3", 0):
-        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+    for bad in (True, False, torch.tensor(True), 3.0, np.float64(3), "3", None):
+        with pytest.raises(TypeError, match="num_classes must be an integer"):
             ClassStats(bad)
-        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        with pytest.raises(TypeError, match="num_classes must be an integer"):
+            ClassStatsGroup(bad)
+    for bad in (0, -1, np.int64(0)):
+        with pytest.raises(ValueError, match="num_classes must be >= 1"):
+            ClassStats(bad)
+        with pytest.raises(ValueError, match="num_classes must be >= 1"):
             ClassStatsGroup(bad)
 
 
