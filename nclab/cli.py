@@ -3,6 +3,7 @@
     nclab make-student [PATH ...] [--out FILE]   write <name>_student.ipynb from <name>_solution.ipynb
     nclab check-assignments [FOLDER]             exit 1 if a student version is stale or leaks code
     nclab check-quotes PATH [PATH ...]           exit 1 if a quote of the paper disagrees with it
+    nclab fetch [--profile P] [--dry-run]        download what profile P needs (before class)
 
 The solutions are in ``book/instructors/solutions/`` (private: not in the book, the wheel or a
 public copy); the student versions are written to ``book/assignments/``.
@@ -14,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import assignments
+from . import assignments, runtime
 
 DEFAULT_FOLDER = assignments.SOLUTION_FOLDER
 
@@ -64,9 +65,28 @@ def _check_quotes(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from . import fetch
+
+    items = fetch.plan(args.profile)
+    name = args.profile or runtime.profile().name
+    if args.dry_run:
+        print(fetch.format_plan(items, name))
+        return 0
+    results = fetch.fetch(items, timeout=args.timeout, progress=not args.no_progress)
+    failed = [(it, state) for it, state in results if state not in ("present", "fetched", "manual")]
+    total, exact = fetch.total_size(items)
+    print(f"profile {name}: {len(results) - len(failed)} of {len(results)} file(s) in place "
+          f"({fetch.human_size(total, exact)} planned)")
+    for _it, state in failed:
+        print(f"error: {state}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nclab", description="nclab instructor tools: student versions of the assignments.")
+        prog="nclab", description="nclab instructor tools: student versions of the assignments, paper "
+                       "quotes, and fetching a profile's downloads before class.")
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser(
         "make-student",
@@ -101,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "nclab.quotes). Exits 1 on any disagreeing quote.")
     cq.add_argument("paths", nargs="+", metavar="PATH", help="notebooks, .md pages or folders")
     cq.set_defaults(func=_check_quotes)
+    fe = sub.add_parser(
+        "fetch",
+        help="download every dataset and weight file a profile needs (resumable, verified)",
+        description="Download what the chapters and assignments of a profile read from the network: "
+                    "torchvision datasets (MD5), torchvision ImageNet weights (SHA-256 prefix), "
+                    "timm/open_clip weights (Hugging Face cache), the local mirror (SHA-256), into the "
+                    "folders the loaders read, so that the course then runs offline. A partial "
+                    "download resumes. --dry-run prints the plan (files, origins, sizes, total). "
+                    "Exits 1 when a file could not be fetched (each unreachable host fails within "
+                    "--timeout seconds).")
+    fe.add_argument("--profile", choices=("smoke", "real", "course", "paper"), default=None,
+                    help="the profile (default: $NCLAB_PROFILE, else course with CUDA, smoke without)")
+    fe.add_argument("--dry-run", action="store_true", help="print the plan, download nothing")
+    fe.add_argument("--timeout", type=float, default=5.0,
+                    help="seconds to wait for an origin host to answer (default 5)")
+    fe.add_argument("--no-progress", action="store_true", help="no progress bars")
+    fe.set_defaults(func=_fetch)
     return parser
 
 

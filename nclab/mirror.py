@@ -51,6 +51,7 @@ __all__ = [
     "file_sha256",
     "is_available",
     "status",
+    "verify",
     "weights_dir",
 ]
 
@@ -305,6 +306,12 @@ def _verify(spec: MirrorFile, path: Path) -> None:
         f"or not the published one: delete it and fetch it again from {spec.origins[0]}"
         + (" (and its sibling origin files)" if len(spec.origins) > 1 else "") + "."
     )
+
+
+def verify(name: str, path: str | os.PathLike) -> None:
+    """Raise :class:`MirrorHashMismatch` unless the file at ``path`` is mirror file ``name`` (its
+    SHA-256, or for a dataset rebuilt from its origin files the SHA-256 of its arrays)."""
+    _verify(MIRROR[name], Path(path))
 
 
 def _missing_message(name: str, spec: MirrorFile, why: str) -> str:
