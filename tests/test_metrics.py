@@ -257,6 +257,165 @@ def test_sync_is_noop_without_distributed():
     assert M.nc1(s.sync()) == before
 
 
+# --------------------------------------------------------------------------- large shared offset
+OFFSETS = [1e0, 1e2, 1e4, 1e6, 1e7, 1e8]
+OFFSET_MEASURES = ("nc1", "nc1_trace", "cdnv", "equinorm", "etf_error")
+
+
+def _offset_data(offset):
+    """K=4, d=8, N=200 float64 features of spread ~1 plus ``offset`` in every coordinate, and the
+    same data with the offset removed (exact: a difference of nearby float64 numbers)."""
+    H, y = make_data(K=4, d=8, per_class=[40, 60, 50, 50], scale=1.0, spread=0.5, offset=0.0, seed=11)
+    shifted = H + offset
+    return shifted, shifted - offset, y
+
+
+def _offset_refs(centred, y):
+    Hn, yn = centred.numpy(), y.numpy()
+    en, _, etf = ref_nc2(Hn, yn, 4)
+    return {"nc1": ref_nc1(Hn, yn, 4), "nc1_trace": ref_nc1_trace(Hn, yn, 4),
+            "cdnv": ref_cdnv(Hn, yn, 4), "equinorm": en, "etf_error": etf}
+
+
+def _assert_offset_exact(stats, refs, what):
+    for name in OFFSET_MEASURES:
+        assert rel(getattr(M, name)(stats), refs[name]) <= 1e-8, (what, name)
+
+
+class _ThreadGroup:
+    """An in-process stand-in for an all-reduce over ``world`` ranks (one thread per rank): every
+    rank's tensor becomes the sum of all ranks' tensors, added in rank order."""
+
+    def __init__(self, world):
+        import threading
+
+        self.slots = [None] * world
+        self.barrier = threading.Barrier(world)
+
+    def reducer(self, rank):
+        def reduce_sum(t):
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            total = self.slots[0].clone()
+            for other in self.slots[1:]:
+                total += other
+            self.barrier.wait()
+            t.copy_(total)
+        return reduce_sum
+
+
+def _thread_sync(parts, dim):
+    """Run ClassStats._sync_with on every part, one thread per rank; returns the parts."""
+    import threading
+
+    group = _ThreadGroup(len(parts))
+    errors = []
+
+    def run(rank):
+        try:
+            if parts[rank]._acc is None:  # a rank without data, as sync() allocates it
+                parts[rank]._allocate(dim, torch.device("cpu"))
+            parts[rank]._sync_with(group.reducer(rank))
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return parts
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_streaming_statistics_exact_under_a_large_offset(offset):
+    """Issue 21 item 4: an offset up to 1e8 x the spread leaves every streamed, merged, grouped and
+    synced statistic within 1e-8 of a float64 NumPy reference on the centred data (a raw second
+    moment drifted by 1e-3 at 1e6 and by 100 % at 1e8)."""
+    H, centred, y = _offset_data(offset)
+    refs = _offset_refs(centred, y)
+    for name in OFFSET_MEASURES:  # the direct route
+        assert rel(getattr(M, name)(H, y), refs[name]) <= 1e-8, ("direct", name)
+    _assert_offset_exact(ClassStats(4).update(H, y), refs, "one update")
+    chunks = _ragged_chunks(H, y, seed=2)
+    for check in ("eager", "deferred"):
+        s = ClassStats(4, check=check)
+        for hc, yc in chunks:
+            s.update(hc, yc)
+        _assert_offset_exact(s, refs, f"batches, {check}")
+    per_class = ClassStats(4, second_moments=True)
+    for hc, yc in chunks:
+        per_class.update(hc, yc)
+    _assert_offset_exact(per_class, refs, "batches, second_moments")
+    np.testing.assert_allclose(per_class.Sigma_W.numpy(), ref_parts(centred.numpy(), y.numpy(), 4)[3],
+                               rtol=1e-9, atol=1e-12)
+    # merge: parts of different sizes and shifts (one part offset by a further 1e3 x spread
+    # relative to the first batch, so the two shifts differ)
+    a, b = ClassStats(4), ClassStats(4)
+    for i, (hc, yc) in enumerate(chunks):
+        (a if i < 2 else b).update(hc, yc)
+    _assert_offset_exact(a.merge(b), refs, "merge")
+    # ClassStatsGroup: two feature sets of one width and one of another
+    group = M.ClassStatsGroup(4, check="eager")
+    for hc, yc in chunks:
+        group.update({"h": hc, "twin": hc.clone(), "head": hc[:, :5]}, yc)
+    out = group.stats()
+    _assert_offset_exact(out["h"], refs, "group")
+    _assert_offset_exact(out["twin"], refs, "group twin")
+    head_refs = _offset_refs(centred[:, :5], y)
+    _assert_offset_exact(out["head"], head_refs, "group, other width")
+    # distributed sync: three ranks, one without data, combined by the same all-reduces as sync()
+    parts = [ClassStats(4), ClassStats(4), ClassStats(4, second_moments=False)]
+    for i, (hc, yc) in enumerate(chunks):
+        parts[i % 2].update(hc, yc)
+    for part in _thread_sync(parts, H.shape[1]):
+        assert part.num_samples == len(y)
+        _assert_offset_exact(part, refs, "sync")
+
+
+def test_sync_with_per_class_scatters_and_merge_agree():
+    H, y = make_data(K=5, d=12, per_class=[30, 20, 50, 10, 40], seed=8)
+    H = H + 1e7
+    chunks = _ragged_chunks(H, y, seed=4)
+    single = ClassStats(5, second_moments=True)
+    for hc, yc in chunks:
+        single.update(hc, yc)
+    parts = [ClassStats(5, second_moments=True) for _ in range(3)]
+    for i, (hc, yc) in enumerate(chunks):
+        parts[i % 3].update(hc, yc)
+    merged = ClassStats(5, second_moments=True)
+    for p in parts:
+        merged.merge(p)
+    for p in _thread_sync(parts, 12) + [merged]:
+        np.testing.assert_allclose(p.counts.numpy(), single.counts.numpy())
+        np.testing.assert_allclose(p.class_scatters.numpy(), single.class_scatters.numpy(),
+                                   rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(p.within_ss.numpy(), single.within_ss.numpy(), rtol=1e-10)
+        assert rel(M.nc1(p), M.nc1(single)) <= 1e-10
+        assert rel(M.numerical_rank(p), M.numerical_rank(single)) <= 1e-8
+
+
+def test_uncentred_views_match_numpy():
+    """The uncentred quantities formed from the centred state: sums, squared norms, S, per-class S."""
+    H, y = make_data(K=3, d=6, per_class=[5, 9, 7], seed=2)
+    Hn, yn = H.numpy(), y.numpy()
+    s = ClassStats(3, second_moments=True).update(H[:8], y[:8]).update(H[8:], y[8:])
+    t = ClassStats(3).update(H[:8], y[:8]).update(H[8:], y[8:])
+    for k in range(3):
+        hk = Hn[yn == k]
+        np.testing.assert_allclose(s.sums[k].numpy(), hk.sum(0), rtol=1e-12)
+        np.testing.assert_allclose(float(s.sq_norms[k]), (hk ** 2).sum(), rtol=1e-12)
+        np.testing.assert_allclose(s.class_second_moments[k].numpy(), hk.T @ hk, rtol=1e-11, atol=1e-11)
+        np.testing.assert_allclose(float(s.within_ss[k]), ((hk - hk.mean(0)) ** 2).sum(), rtol=1e-11)
+    np.testing.assert_allclose(t.second_moment.numpy(), Hn.T @ Hn, rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(t.total_second_moment.numpy(), s.total_second_moment.numpy(),
+                               rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(t.Sigma_W.numpy(), ref_parts(Hn, yn, 3)[3], rtol=1e-11, atol=1e-13)
+    assert s.second_moment is None and t.class_second_moments is None
+
+
 # --------------------------------------------------------------------------- invariances, known answers
 
 
