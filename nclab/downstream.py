@@ -37,7 +37,8 @@ from .zoo import recipe_family
 
 __all__ = ["CLAIMS", "DownstreamStudy", "Task", "across_datasets", "across_models", "backbone",
            "clear_cache", "compare_scores", "correlations", "features", "layer_choice",
-           "layer_fits", "layerwise", "split", "study", "with_models", "zoo_table"]
+           "layer_fits", "layerwise", "recipe_study", "source_collapse", "split", "study", "with_models",
+           "zoo_table"]
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,31 @@ def study(profile: str | Profile | None = None) -> DownstreamStudy:
                            family=("resnet34", "vit_b32"), tasks=tasks,
                            image_size=prof.image_size, encoder="clip_vit_b32", encoder_tasks=tasks,
                            resplit=False, max_per_class=prof.max_train_per_class, **common)
+
+
+def _one_architecture(arch: str = "cnn wide") -> tuple[str, ...]:
+    """The zoo networks of architecture ``arch`` (the README's name), in registry order."""
+    from .zoo import ZOO
+
+    return tuple(name for name, z in ZOO.items() if z.arch == arch)
+
+
+def recipe_study(profile: str | Profile | None = None) -> DownstreamStudy:
+    """Chapter 03's study of training recipes on one architecture: a :class:`DownstreamStudy`
+    whose ``models`` share an architecture and differ in how they were trained, with ``source``
+    the data they were trained on (for :func:`source_collapse`). Outside ``smoke`` these are the
+    zoo's eight ``cnn wide`` CIFAR-10 networks (standard PGD, larger-eps PGD, mixed clean + PGD,
+    provably robust), on the ``real`` profile's tasks at 32 px, source = the real CIFAR-10 training
+    images (``cifar10_2k``); every profile needs the mirror's files for it. ``smoke`` stands in
+    with five ConvNets of different widths pre-trained on digits 0-4 (widths, not recipes)."""
+    from .runtime import profile as active_profile
+
+    prof = profile if isinstance(profile, Profile) else active_profile(profile)
+    if prof.name == "smoke":
+        return with_models(study("smoke"), tuple(f"convnet_s-w{w}" for w in (4, 8, 16, 32, 64)))
+    real = active_profile("real")
+    s = with_models(study(real), _one_architecture())
+    return replace(s, source=Task("cifar10 (train)", real.source))
 
 
 # --------------------------------------------------------------------------- models and data
@@ -350,6 +376,27 @@ def layerwise(s: DownstreamStudy, models: Sequence[str] | None = None):
     return pd.DataFrame(rows)
 
 
+def source_collapse(s: DownstreamStudy, source: Task | None = None,
+                    models: Sequence[str] | None = None):
+    """Collapse of each model on the data it was pre-trained on: one row per model with
+    ``model``, ``recipe`` and ``source_nc1``, NC1 (paper eq. 4) of the penultimate features on
+    the *training* images of ``source`` (default ``s.source``; its dataset's own train split, no
+    resplit), in float64. Pair it with :func:`across_models` (same ``model`` column) for source
+    NC1 vs transfer."""
+    import pandas as pd
+
+    source = source if source is not None else s.source
+    if source is None:
+        raise ValueError("source_collapse needs a source task: pass source= or set study.source")
+    rows = []
+    for name in models if models is not None else s.models:
+        h, y, is_test = features(s, name, source)
+        tr = ~is_test
+        rows.append(dict(model=name, recipe=_label(name),
+                         source_nc1=float(nc1(h["output"][tr].double(), y[tr]))))
+    return pd.DataFrame(rows)
+
+
 def across_datasets(s: DownstreamStudy):
     """The frozen ``encoder`` on every ``encoder_tasks`` task and seed: ``task``, ``classes``,
     ``seed``, ``dim``, ``nc1``, ``train_acc``, ``test_acc``."""
@@ -371,8 +418,9 @@ def _log_pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def correlations(df, scores: Sequence[str] = ("nc1", "h_score", "logme"), acc: str = "test_acc",
                  by: Sequence[str] = ("task", "seed"), n_boot: int = 1000, seed: int = 0):
-    """Per group of ``by`` and per score: Pearson ``r`` (on ``log10`` of NC1; raw for the other
-    scores) and Spearman ``rho`` with ``acc``, each with a 95 % percentile-bootstrap interval
+    """Per group of ``by`` and per score: Pearson ``r`` (on ``log10`` of an NC1 score, any name
+    ending in ``nc1`` such as ``source_nc1``; raw for the other scores) and Spearman ``rho``
+    with ``acc``, each with a 95 % percentile-bootstrap interval
     over the rows (models) of the group (``r_low``, ``r_high``, ``rho_low``, ``rho_high``), and
     ``agreement`` = ``rho`` signed so that positive means "ranks like the accuracy" (``-rho`` for
     NC1, where lower predicts better), with its interval ``agree_low``/``agree_high``; ``n`` rows."""
@@ -384,10 +432,11 @@ def correlations(df, scores: Sequence[str] = ("nc1", "h_score", "logme"), acc: s
         a = grp[acc].to_numpy(np.float64)
         for score in scores:
             x = grp[score].to_numpy(np.float64)
-            r_fn = _log_pearson if score == "nc1" else pearson
+            is_nc1 = score.endswith("nc1")  # nc1, source_nc1: log10, lower predicts better
+            r_fn = _log_pearson if is_nc1 else pearson
             r = bootstrap_ci(r_fn, x, a, n_boot=n_boot, seed=seed)
             rho = bootstrap_ci(spearman, x, a, n_boot=n_boot, seed=seed)
-            sign = -1.0 if score == "nc1" else 1.0
+            sign = -1.0 if is_nc1 else 1.0
             lo, hi = sorted((sign * rho.low, sign * rho.high))
             out.append(dict(zip(by, keys), score=score, n=len(grp), r=r.estimate, r_low=r.low,
                             r_high=r.high, rho=rho.estimate, rho_low=rho.low, rho_high=rho.high,

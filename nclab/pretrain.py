@@ -61,6 +61,9 @@ __all__ = [
     "SourceStudy",
     "source_study",
     "cifar_resnet18",
+    "QuadraticFit",
+    "quadratic_fit",
+    "SOURCE_CLAIMS",
 ]
 
 #: The transforms each augmentation level applies, cumulative as in the paper (App. E.1).
@@ -851,11 +854,13 @@ def _small_convnet() -> nn.Module:
 class SourceStudy:
     """Everything the chapter "Source collapse" runs, sized by a profile (see :func:`source_study`).
 
-    ``augmentation`` holds the Fig. 1 / Fig. 10 configurations (augmentation levels 1-5 for every
-    seed in ``seeds``, then PGD adversarial training at level 3 for each attack size, first seed);
+    ``augmentation`` holds the Fig. 1 configurations (augmentation levels 1-5 for every seed in
+    ``seeds``); ``sweep`` the Fig. 10 one-knob sweep (PGD attack sizes, 0 = clean, at one
+    augmentation level, trained ``sweep_epochs`` epochs, for the first seeds);
     ``losses`` the Fig. 11 / App. B ones (CE and MSE with 0-3 head layers, SupCon with 1-3; ``smoke``
     and ``real`` trim MSE to 0 and 3) for every seed, all at augmentation level 3. ``run(configs)`` calls
-    :func:`run_study` with this study's data and sizes.
+    :func:`run_study` with this study's data and sizes. ``checked`` names the claims of
+    :data:`SOURCE_CLAIMS` the chapter asserts in this profile.
     """
 
     profile: str
@@ -871,15 +876,34 @@ class SourceStudy:
     extra_transfer: dict = field(default_factory=dict)
     augmentation: list[dict] = field(default_factory=list)
     losses: list[dict] = field(default_factory=list)
+    sweep: list[dict] = field(default_factory=list)
+    sweep_epochs: int = 0
+    checked: frozenset[str] = field(default_factory=frozenset)
+
+    def setup(self) -> None:
+        """On a CPU, one intra-op thread: the chapter's small models train faster on one thread
+        than with several threads fighting over a small (often shared) CPU."""
+        from .runtime import device
+
+        if device().type == "cpu":
+            torch.set_num_threads(1)
 
     def run(self, configs: Sequence[Mapping[str, object]], *, epochs: int | None = None,
             device: torch.device | str | None = None, cache: bool = True,
-            progress: bool = True) -> pd.DataFrame:
-        """:func:`run_study` on this study's data, backbone and sizes (``epochs`` overrides)."""
+            progress: bool = True, extra: bool = True) -> pd.DataFrame:
+        """:func:`run_study` on this study's data, backbone and sizes (``epochs`` overrides;
+        ``extra=False`` skips the further downstream tasks of ``extra_transfer``)."""
         return run_study(configs, self.source, self.downstream_train, self.downstream_test,
                          backbone=self.backbone, epochs=epochs or self.epochs, device=device,
                          cache=cache, progress=progress, probe_max_iter=self.probe_max_iter,
-                         extra_transfer=self.extra_transfer, **self.pretrain_kwargs)
+                         extra_transfer=self.extra_transfer if extra else None,
+                         **self.pretrain_kwargs)
+
+    def run_sweep(self, *, device: torch.device | str | None = None, cache: bool = True,
+                  progress: bool = True) -> pd.DataFrame:
+        """The one-knob adversarial sweep (``sweep``, ``sweep_epochs`` epochs, no extra tasks)."""
+        return self.run(self.sweep, epochs=self.sweep_epochs, device=device, cache=cache,
+                        progress=progress, extra=False)
 
     def describe(self) -> str:
         """One line per ingredient, for the chapter to print."""
@@ -890,8 +914,8 @@ class SourceStudy:
             f"downstream train  {self.downstream_train!r}",
             f"downstream test   {self.downstream_test!r}",
             *(f"also transfer to  {name}: {tr!r}" for name, (tr, _) in self.extra_transfer.items()),
-            f"configurations    {len(self.augmentation)} augmentation/adversarial, "
-            f"{len(self.losses)} loss/head",
+            f"configurations    {len(self.augmentation)} augmentation, {len(self.losses)} "
+            f"loss/head, {len(self.sweep)} adversarial sweep ({self.sweep_epochs} epochs)",
         ])
 
 
@@ -900,27 +924,54 @@ class SourceStudy:
 _HEADS = {"ce": (0, 1, 2, 3), "mse": (0, 1, 2, 3), "supcon": (1, 2, 3)}
 
 #: Sizes per profile that the profile itself does not carry (``smoke`` and ``real`` trim the grid
-#: to fit CPU minutes: three attack sizes and MSE heads 0 and 3 only). ``real`` splits the classes
-#: of its source (real CIFAR-10, 32 px) into a source half and a downstream half
-#: (``split_source``), trains for ``epochs`` instead of the profile's ``pretrain_epochs`` and
-#: probes the datasets ``extra`` as further downstream tasks (Fashion-MNIST only: the profile's
-#: digits are left out, their 90-95 % probe accuracies say little and cost CPU time).
+#: to fit CPU minutes: MSE heads 0 and 3 only). ``real`` splits the classes of its source (real
+#: CIFAR-10, 32 px) into a source half and a downstream half (``split_source``), trains for
+#: ``epochs`` instead of the profile's ``pretrain_epochs`` and probes the datasets ``extra`` as
+#: further downstream tasks (Fashion-MNIST only). The one-knob adversarial sweep trains
+#: ``sweep_seeds`` seeds per attack size in ``sweep_eps`` (0 = clean) at ``sweep_aug_level`` for
+#: ``sweep_epochs`` epochs with ``sweep_pgd_steps`` PGD steps; the CPU profiles train without
+#: augmentation and with one PGD step so that the clean models reach a source NC1 below 1 in CPU
+#: minutes.
+_SWEEP_EPS = (0, 0.5, 1, 2, 3, 5, 8)
+
+#: The claims chapter 03 can assert, by name; a profile's ``checked`` (in ``_STUDY_SIZES``) names
+#: those that held on every seed when the chapter was run in that profile.
+SOURCE_CLAIMS: dict[str, str] = {
+    "level1_least_collapsed": "augmentation level 1 has the smallest source NC1 among levels "
+                              "1, 3, 4, 5 on every seed",
+    "pgd_raises_source_nc1": "the largest PGD attack size leaves a larger source NC1 than clean "
+                             "training on every seed of the sweep",
+    "sweep_r_negative": "over the sweep, r(source NC1, transfer) < 0 on every seed",
+    "head_raises_source_nc1": "a 3-layer head raises the seed-mean source NC1 for every loss",
+    "mse_below_ce": "MSE leaves a smaller source NC1 than CE (no head) on every seed",
+    "loss_r_negative": "over the loss study, r(source NC1, transfer) < 0 on every seed",
+    "recipes_source_r_negative": "over the one-architecture recipes, r(log source NC1, transfer) "
+                                 "< 0 on every task and seed (its interval is not required)",
+    "recipes_larger_eps_more_collapsed": "in both larger-eps pairs of recipes the larger "
+                                             "attack leaves the larger source NC1",
+}
+# measured with seeds 0, 1, 2 (``course`` and ``paper`` were never run: nothing asserted there)
+_SMOKE_CHECKED = frozenset({"level1_least_collapsed", "pgd_raises_source_nc1",
+                            "head_raises_source_nc1"})
+_REAL_CHECKED = frozenset(SOURCE_CLAIMS)
 _STUDY_SIZES: dict[str, dict] = {
     "smoke": dict(backbone=_tiny_convnet, backbone_name="ConvNetS(width=16, depth=3)",
                   image_size=16, lr=0.05, weight_decay=5e-4, batch_size=64, pgd_steps=2,
-                  adversarial_eps=(1, 3, 8), adv_seeds=1, probe_max_iter=100,
-                  heads={"ce": (0, 1, 2, 3), "mse": (0, 3), "supcon": (1, 2, 3)}),
+                  probe_max_iter=100, heads={"ce": (0, 1, 2, 3), "mse": (0, 3), "supcon": (1, 2, 3)},
+                  sweep_eps=(0, 1, 3, 8), sweep_seeds=1, sweep_epochs=4, sweep_aug_level=1,
+                  sweep_pgd_steps=1, checked=_SMOKE_CHECKED),
     "real": dict(backbone=_small_convnet, backbone_name="ConvNetS(width=16, depth=4)",
                  split_source=True, extra=("fashion_mnist_2k",), epochs=10, lr=0.05,
-                 weight_decay=5e-4, batch_size=64,
-                 pgd_steps=2, adversarial_eps=(1, 3, 8), adv_seeds=1, probe_max_iter=100,
-                 heads={"ce": (0, 1, 2, 3), "mse": (0, 3), "supcon": (1, 2, 3)}),
+                 weight_decay=5e-4, batch_size=64, pgd_steps=2, probe_max_iter=100,
+                 heads={"ce": (0, 1, 2, 3), "mse": (0, 3), "supcon": (1, 2, 3)},
+                 sweep_eps=_SWEEP_EPS, sweep_seeds=3, sweep_epochs=20,
+                 sweep_aug_level=1, sweep_pgd_steps=1, checked=_REAL_CHECKED),
     "course": dict(backbone=cifar_resnet18, backbone_name="CIFAR ResNet-18",
                    lr=0.1, weight_decay=5e-4, batch_size=256, pgd_steps=3,
-                   adversarial_eps=(1, 2, 3, 5, 8), adv_seeds=1),
+                   sweep_eps=_SWEEP_EPS, sweep_seeds=3, sweep_aug_level=3, sweep_pgd_steps=3),
     "paper": dict(backbone=cifar_resnet18, backbone_name="CIFAR ResNet-18",
                   lr=0.1, weight_decay=1e-4, batch_size=256, pgd_steps=7,
-                  adversarial_eps=(1, 2, 3, 5, 8), adv_seeds=3),
+                  sweep_eps=_SWEEP_EPS, sweep_seeds=3, sweep_aug_level=3, sweep_pgd_steps=7),
 }
 
 
@@ -1005,8 +1056,9 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
                             prof.max_train_per_class) if extra_names else {}
     seeds = tuple(prof.seeds)
     aug = [dict(group="augmentation", aug_level=lvl, seed=s) for s in seeds for lvl in AUG_LEVELS]
-    aug += [dict(group="adversarial", aug_level=3, adversarial_eps=e, seed=s)
-            for s in seeds[: sizes["adv_seeds"]] for e in sizes["adversarial_eps"]]
+    sweep = [dict(group="sweep", aug_level=sizes["sweep_aug_level"], seed=s,
+                  pgd_steps=sizes["sweep_pgd_steps"], adversarial_eps=e or None)
+             for s in seeds[: sizes["sweep_seeds"]] for e in sizes["sweep_eps"]]
     heads = sizes.get("heads", _HEADS)
     losses = [dict(group="loss", loss=loss, proj_head_layers=n, aug_level=3, seed=s)
               for s in seeds for loss in LOSSES for n in heads[loss]]
@@ -1017,4 +1069,85 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
         probe_max_iter=sizes.get("probe_max_iter", 300),
         pretrain_kwargs=dict(lr=sizes["lr"], weight_decay=sizes["weight_decay"],
                              batch_size=sizes["batch_size"], pgd_steps=sizes["pgd_steps"]),
-        extra_transfer=extra, augmentation=aug, losses=losses)
+        extra_transfer=extra, augmentation=aug, losses=losses, sweep=sweep,
+        sweep_epochs=sizes.get("sweep_epochs", sizes.get("epochs", prof.pretrain_epochs)),
+        checked=sizes.get("checked", frozenset()))
+
+
+# --------------------------------------------------------------------------- turning-point fit
+@dataclass(frozen=True)
+class QuadraticFit:
+    """Least-squares fit ``y = b0 + b1 x + b2 x^2`` with t-intervals (see :func:`quadratic_fit`).
+
+    ``coef`` = (b0, b1, b2); ``cov`` their covariance ``s^2 (X^T X)^-1`` with
+    ``s^2 = RSS / (n - 3)``; ``low``/``high`` the two-sided ``level`` t-intervals of the coefficients;
+    ``x_range`` the smallest and largest x fitted.
+    """
+
+    coef: tuple[float, float, float]
+    cov: tuple[tuple[float, ...], ...]
+    low: tuple[float, float, float]
+    high: tuple[float, float, float]
+    level: float
+    n: int
+    x_range: tuple[float, float]
+
+    @property
+    def vertex(self) -> float:
+        """x of the parabola's extremum, ``-b1 / (2 b2)`` (``nan`` when ``b2 = 0``)."""
+        b2 = self.coef[2]
+        return float("nan") if b2 == 0 else -self.coef[1] / (2 * b2)
+
+    @property
+    def turn(self) -> bool:
+        """True when the data show a maximum inside them: the interval of ``b2`` lies below 0 and
+        the vertex lies within ``x_range``."""
+        lo, hi = self.x_range
+        return self.high[2] < 0 and lo <= self.vertex <= hi
+
+    def band(self, x) -> tuple:
+        """Fitted mean and its pointwise ``level`` t-interval at ``x``: three float64 arrays
+        ``(fit, low, high)``, ``fit +- t * sqrt(v^T cov v)`` with ``v = (1, x, x^2)``."""
+        import numpy as np
+        import scipy.stats
+
+        x = np.asarray(x, dtype=np.float64)
+        v = np.stack([np.ones_like(x), x, x * x], axis=-1)
+        fit = v @ np.asarray(self.coef)
+        se = np.sqrt(np.einsum("...i,ij,...j->...", v, np.asarray(self.cov), v))
+        t = scipy.stats.t.ppf(0.5 + self.level / 2, self.n - 3)
+        return fit, fit - t * se, fit + t * se
+
+
+def quadratic_fit(x, y, level: float = 0.95) -> QuadraticFit:
+    """Ordinary least squares of ``y`` on ``(1, x, x^2)`` in float64 with ``level`` t-intervals
+    (``n - 3`` degrees of freedom): the per-seed fit of transfer accuracy on source NC1 that the
+    paper's Fig. 10 turning point calls for. Needs at least 4 points with 3 distinct x."""
+    import numpy as np
+    import scipy.stats
+
+    xa = np.asarray(x, dtype=np.float64).ravel()
+    ya = np.asarray(y, dtype=np.float64).ravel()
+    if xa.shape != ya.shape:
+        raise ValueError(f"x and y need the same length, got {xa.size} and {ya.size}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if not (np.isfinite(xa).all() and np.isfinite(ya).all()):
+        raise ValueError("x and y must be finite")
+    if xa.size < 4 or np.unique(xa).size < 3:
+        raise ValueError(f"a quadratic fit with an interval needs >= 4 points and 3 distinct x; "
+                         f"got {xa.size} points, {np.unique(xa).size} distinct")
+    X = np.stack([np.ones_like(xa), xa, xa * xa], axis=1)
+    q, r = np.linalg.qr(X)
+    coef = np.linalg.solve(r, q.T @ ya)
+    resid = ya - X @ coef
+    s2 = float(resid @ resid) / (xa.size - 3)
+    r_inv = np.linalg.inv(r)
+    cov = s2 * (r_inv @ r_inv.T)
+    t = scipy.stats.t.ppf(0.5 + level / 2, xa.size - 3)
+    se = np.sqrt(np.diag(cov))
+    return QuadraticFit(coef=tuple(float(c) for c in coef),
+                        cov=tuple(tuple(float(v) for v in row) for row in cov),
+                        low=tuple(float(c) for c in coef - t * se),
+                        high=tuple(float(c) for c in coef + t * se),
+                        level=level, n=int(xa.size), x_range=(float(xa.min()), float(xa.max())))

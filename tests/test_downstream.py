@@ -166,3 +166,51 @@ def test_layer_seeds_default_to_the_probe_seeds():
     real, smoke = downstream.study("real"), downstream.study("smoke")
     assert real.layer_probe_seeds() == real.seeds[:1]  # 27-block ResNets: one split
     assert smoke.layer_probe_seeds() == smoke.probe_seeds() == smoke.seeds
+
+
+def _nc1_numpy(h: np.ndarray, y: np.ndarray) -> float:
+    """tr(Sigma_W Sigma_B^+) / K in float64 NumPy (paper eq. 4; mu_G the mean of the class means),
+    independent of nclab.metrics."""
+    classes = np.unique(y)
+    mu_g = np.mean([h[y == k].mean(axis=0) for k in classes], axis=0)
+    sw = np.zeros((h.shape[1], h.shape[1]))
+    sb = np.zeros_like(sw)
+    for k in classes:
+        hk = h[y == k]
+        mu = hk.mean(axis=0)
+        sw += (hk - mu).T @ (hk - mu)
+        sb += np.outer(mu - mu_g, mu - mu_g)
+    sw /= len(h)
+    sb /= len(classes)
+    return float(np.trace(sw @ np.linalg.pinv(sb, rcond=1e-10, hermitian=True)) / len(classes))
+
+
+def test_source_collapse_is_nc1_on_the_source_training_images(tiny):
+    src = tiny.source
+    df = downstream.source_collapse(tiny, src)
+    assert list(df.columns) == ["model", "recipe", "source_nc1"]
+    assert list(df.model) == list(tiny.models)
+    for name, got in zip(df.model, df.source_nc1):
+        h, y, is_test = downstream.features(tiny, name, src)
+        assert is_test.any() and (~is_test).any()
+        tr = (~is_test).numpy()
+        ref = _nc1_numpy(h["output"].double().numpy()[tr], y.numpy()[tr])
+        assert got == pytest.approx(ref, rel=1e-8)
+    one = downstream.source_collapse(tiny, src, models=["resnet_s-w4"])
+    assert one.source_nc1.iloc[0] == df.set_index("model").source_nc1["resnet_s-w4"]
+
+
+def test_recipe_study_is_one_architecture_with_its_source():
+    real = downstream.recipe_study("real")
+    assert len(real.models) == 8
+    assert {zoo.ZOO[m].arch for m in real.models} == {"cnn wide"}
+    assert {zoo.recipe_family(m) for m in real.models} == {"PGD adversarial", "mixed clean + PGD",
+                                                          "provably robust"}
+    assert real.source.dataset == runtime.profile("real").source and real.source.classes is None
+    assert real.image_size == 32 and [t.dataset for t in real.tasks] == list(
+        runtime.profile("real").downstream)
+    assert downstream.recipe_study("course").models == real.models
+    smoke = downstream.recipe_study("smoke")
+    assert len(smoke.models) == 5 and smoke.source == downstream.study("smoke").source
+    with pytest.raises(ValueError, match="source task"):
+        downstream.source_collapse(dataclasses.replace(real, source=None))

@@ -589,12 +589,14 @@ def test_smoke_source_study_splits_digits():
     assert st.downstream_train.classes == [str(d) for d in range(5, 10)]
     assert st.downstream_test.classes == st.downstream_train.classes
     assert {c["aug_level"] for c in st.augmentation} == {1, 2, 3, 4, 5}
-    assert {c["adversarial_eps"] for c in st.augmentation if "adversarial_eps" in c} == {1, 3, 8}
+    assert all("adversarial_eps" not in c for c in st.augmentation)
+    assert [c["adversarial_eps"] for c in st.sweep] == [None, 1, 3, 8]
+    assert {c["seed"] for c in st.sweep} == {0} and st.sweep_epochs == 4
     pairs = {(c["loss"], c["proj_head_layers"]) for c in st.losses}
     assert pairs == {("ce", n) for n in range(4)} | {("mse", 0), ("mse", 3)} | {
         ("supcon", n) for n in (1, 2, 3)}
     assert {c["seed"] for c in st.losses} == {0, 1, 2}
-    assert "source" in st.describe()
+    assert "source" in st.describe() and "adversarial sweep (4 epochs)" in st.describe()
 
 
 def test_course_study_skips_unavailable_extra_datasets(monkeypatch):
@@ -623,15 +625,16 @@ def test_course_source_study_runs_on_fake_cifar(monkeypatch):
     assert st.profile == "course" and st.backbone_name == "CIFAR ResNet-18"
     assert st.source.classes[0] == "cifar100-0" and st.downstream_train.classes[0] == "cifar10-0"
     assert st.epochs == 30 and st.seeds == (0, 1, 2)
-    assert {c["adversarial_eps"] for c in st.augmentation if "adversarial_eps" in c} == {1, 2, 3,
-                                                                                          5, 8}
+    assert [c["adversarial_eps"] for c in st.sweep[:7]] == [None, 0.5, 1, 2, 3, 5, 8]
+    assert len(st.sweep) == 21 and {c["aug_level"] for c in st.sweep} == {3}
+    assert st.sweep_epochs == 30 and {c["pgd_steps"] for c in st.sweep} == {3}
     pairs = {(c["loss"], c["proj_head_layers"]) for c in st.losses}
     assert pairs == {(loss, n) for loss in ("ce", "mse") for n in range(4)} | {
         ("supcon", n) for n in (1, 2, 3)}
     net = st.backbone()
     assert net.num_features == 512 and net(torch.zeros(1, 3, 32, 32)).shape == (1, 512)
     # one configuration of each kind the chapter runs, for one optimiser step each
-    picks = [st.augmentation[4], next(c for c in st.augmentation if c["group"] == "adversarial"),
+    picks = [st.augmentation[4], st.sweep[-1],
              next(c for c in st.losses if c["loss"] == "mse" and c["proj_head_layers"] == 3),
              next(c for c in st.losses if c["loss"] == "supcon" and c["proj_head_layers"] == 2)]
     assert set(st.extra_transfer) == {"dtd", "oxford_pets", "fgvc_aircraft"}
@@ -639,7 +642,7 @@ def test_course_source_study_runs_on_fake_cifar(monkeypatch):
     assert len(df) == 4 and df[list(P.STUDY_COLUMNS)].notna().all().all()
     for name in st.extra_transfer:
         assert df[f"transfer_acc_{name}"].between(0, 1).all()
-    assert set(df["group"]) == {"augmentation", "adversarial", "loss"}
+    assert set(df["group"]) == {"augmentation", "sweep", "loss"}
 
 
 def _fake_real_load(name, split="train", root=None, image_size=None, **kwargs):
@@ -669,16 +672,25 @@ def test_real_source_study_splits_cifar10_classes(monkeypatch):
     assert st.downstream_test.classes == st.downstream_train.classes
     assert len(st.downstream_test) == 20  # 40 fake test images, half of them in classes 5-9
     assert set(st.extra_transfer) == {"fashion_mnist_2k"} and "digits" not in loaded
-    assert {c["adversarial_eps"] for c in st.augmentation if "adversarial_eps" in c} == {1, 3, 8}
+    # the sweep: 7 attack sizes x 3 seeds, no augmentation, one PGD step, longer training
+    assert [(c["seed"], c["adversarial_eps"]) for c in st.sweep] == [
+        (s, e) for s in (0, 1, 2) for e in (None, 0.5, 1, 2, 3, 5, 8)]
+    assert {(c["aug_level"], c["pgd_steps"]) for c in st.sweep} == {(1, 1)}
+    assert st.sweep_epochs > st.epochs
     pairs = {(c["loss"], c["proj_head_layers"]) for c in st.losses}
     assert pairs == {("ce", n) for n in range(4)} | {("mse", 0), ("mse", 3)} | {
         ("supcon", n) for n in (1, 2, 3)}
-    assert len(st.augmentation) == 18 and len(st.losses) == 27
+    assert len(st.augmentation) == 15 and len(st.losses) == 27
     net = st.backbone()
     assert net.num_features == 32 and net(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
     df = st.run([st.losses[-1]], epochs=1, device="cpu", progress=False)
     assert df["transfer_acc_fashion_mnist_2k"].between(0, 1).all()
     assert df[list(P.STUDY_COLUMNS)].notna().all().all()
+    # the sweep's rows carry no extra tasks; sweep_epochs overrides the study's epochs
+    st.sweep, st.sweep_epochs = st.sweep[1:2], 1
+    sw = st.run_sweep(device="cpu", progress=False)
+    assert len(sw) == 1 and sw["adversarial_eps"].iloc[0] == 0.5
+    assert not any(c.startswith("transfer_acc_") for c in sw.columns)
 
 
 def _mirror_has(*names: str) -> bool:
@@ -697,3 +709,88 @@ def test_real_source_study_on_the_mirror():
     assert st.downstream_train.classes == ["dog", "frog", "horse", "ship", "truck"]
     fm_train, fm_test = st.extra_transfer["fashion_mnist_2k"]
     assert fm_train.x.shape[1:] == (3, 32, 32) and len(fm_train) + len(fm_test) == 2000
+
+
+# --------------------------------------------------------------------------- quadratic fit
+def _numpy_quadratic(x, y, level=0.95):
+    """float64 reference: normal equations, residual variance with n - 3 dof, t quantile."""
+    import numpy as np
+    import scipy.stats
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    X = np.vander(x, 3, increasing=True)
+    coef = np.linalg.solve(X.T @ X, X.T @ y)
+    resid = y - X @ coef
+    cov = resid @ resid / (len(x) - 3) * np.linalg.inv(X.T @ X)
+    t = scipy.stats.t.ppf(0.5 + level / 2, len(x) - 3)
+    return coef, cov, t
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_quadratic_fit_matches_numpy_reference(seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.2, 6.0, 7)
+    y = 60 + 4 * x - 0.9 * x**2 + rng.normal(0, 1.0, 7)
+    fit = P.quadratic_fit(x, y, level=0.9)
+    coef, cov, t = _numpy_quadratic(x, y, level=0.9)
+    np.testing.assert_allclose(fit.coef, coef, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(fit.cov, cov, rtol=1e-8, atol=1e-12)
+    se = np.sqrt(np.diag(cov))
+    np.testing.assert_allclose(fit.low, coef - t * se, rtol=1e-8)
+    np.testing.assert_allclose(fit.high, coef + t * se, rtol=1e-8)
+    np.testing.assert_allclose(np.polyfit(x, y, 2)[::-1], fit.coef, rtol=1e-8)
+    grid = np.linspace(0, 6, 5)
+    mean, lo, hi = fit.band(grid)
+    V = np.vander(grid, 3, increasing=True)
+    half = t * np.sqrt(np.einsum("ij,jk,ik->i", V, cov, V))
+    np.testing.assert_allclose(mean, V @ coef, rtol=1e-9)
+    np.testing.assert_allclose(hi - mean, half, rtol=1e-8)
+    np.testing.assert_allclose(mean - lo, half, rtol=1e-8)
+    assert fit.vertex == pytest.approx(-coef[1] / (2 * coef[2]))
+    assert fit.n == 7 and fit.x_range == (x.min(), x.max())
+
+
+def test_quadratic_fit_turn_only_for_a_clear_maximum_inside_the_data():
+    import numpy as np
+
+    x = np.linspace(0, 4, 9)
+    bump = 70 - (x - 2) ** 2 + 0.05 * np.sin(7 * x)  # maximum at 2, inside [0, 4]
+    assert P.quadratic_fit(x, bump).turn
+    assert P.quadratic_fit(x, bump).vertex == pytest.approx(2, abs=0.05)
+    rising = 60 + 3 * x - 0.2 * x**2 + 0.05 * np.sin(7 * x)  # vertex at 7.5, outside the data
+    assert not P.quadratic_fit(x, rising).turn
+    valley = 60 + (x - 2) ** 2 + 0.05 * np.sin(7 * x)  # a minimum is no turning point
+    assert not P.quadratic_fit(x, valley).turn
+    noise = np.random.default_rng(0).normal(0, 1, 9)  # no curvature the interval can see
+    assert not P.quadratic_fit(x, 70 + noise).turn
+    # an exact parabola: zero residuals, the interval collapses to the coefficients
+    exact = P.quadratic_fit(x, 1 + 2 * x - 3 * x**2)
+    np.testing.assert_allclose(exact.coef, (1, 2, -3), atol=1e-10)
+    np.testing.assert_allclose(exact.low, exact.high, atol=1e-8)
+
+
+@pytest.mark.parametrize("x, y, match", [
+    ([0, 1, 2], [1, 2, 3], ">= 4 points"),
+    ([0, 0, 1, 1], [1, 2, 3, 4], "3 distinct"),
+    ([0, 1, 2, 3], [1, 2, 3], "same length"),
+    ([0, 1, 2, float("nan")], [1, 2, 3, 4], "finite"),
+])
+def test_quadratic_fit_rejects_bad_input(x, y, match):
+    with pytest.raises(ValueError, match=match):
+        P.quadratic_fit(x, y)
+
+
+def test_quadratic_fit_rejects_bad_level():
+    with pytest.raises(ValueError, match="level"):
+        P.quadratic_fit([0, 1, 2, 3], [0, 1, 0, 1], level=1.5)
+
+
+def test_source_study_checked_claims_are_known_and_smoke_asserts_only_measured_ones():
+    assert set(P._REAL_CHECKED) <= set(P.SOURCE_CLAIMS)
+    assert P._SMOKE_CHECKED <= P._REAL_CHECKED
+    st = P.source_study("smoke")
+    assert st.checked == P._SMOKE_CHECKED
+    # course and paper were never run: the chapter asserts nothing there
+    assert all(not P._STUDY_SIZES[p].get("checked") for p in ("course", "paper"))
