@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.nclab-installed
 # Models the chapters train are cached here, so `make book` reuses what `make test` trained.
 export NCLAB_CACHE ?= $(CURDIR)/.nclab_cache
+# Matplotlib's font list is built by this venv's matplotlib, not read from a shared ~/.cache: a
+# font list written by another install (seen in CI: no STIX fonts) makes every log-scale axis print
+# 21 "findfont" warnings into the built pages.
+export MPLCONFIGDIR ?= $(CURDIR)/.mplconfig
 # Per-cell limit for nbval: the slowest smoke cell took 27 s with an empty model cache on the
 # 2-core CI machine (05_finetuning, pre-training); 300 s is 11x that, room for a shared machine
 # running 5-10x slower, and a hung cell still fails within minutes.

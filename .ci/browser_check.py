@@ -12,7 +12,8 @@ counts, after MathJax has typeset:
   other than the local server;
 * ``<img>`` elements that did not load;
 * widget outputs left empty (a widget view that no script rendered);
-* internal links whose page, or ``#anchor`` on that page, does not exist.
+* internal links whose page, or ``#anchor`` on that page, does not exist;
+* library noise printed into cell outputs (matplotlib's ``findfont`` fallbacks).
 
 It prints one line per page and a total, saves a screenshot of one chapter next to the HTML folder
 (``_build/browser_check.png``) and exits 1 on any problem. It talks to Chromium over the DevTools
@@ -189,6 +190,10 @@ def broken_links(links: list[str], base: str, root: Path) -> list[str]:
     return bad
 
 
+#: lines a library prints into a cell's output that a reader should never see
+NOISE = re.compile(r"findfont: Font family \[[^\]]*\] not found")
+
+
 def problems_of(events: list[dict], base: str) -> tuple[list[str], list[str]]:
     """JavaScript errors and requests that left the local server, from the page's events."""
     errors, external = [], []
@@ -266,6 +271,9 @@ def check(root: Path, binary: str, shot_page: str | None, shot_out: Path, timeou
                 problems.append(f"{r['emptyWidgets']} of {r['widgets']} widget outputs empty")
             if bad_links:
                 problems.append(f"{len(bad_links)} broken internal links {bad_links[:3]}")
+            noise = NOISE.findall((root / page).read_text(encoding="utf-8", errors="replace"))
+            if noise:
+                problems.append(f"{len(noise)} library warnings in cell outputs {sorted(set(noise))[:2]}")
             internal = sum(1 for link in set(r["links"]) if link.startswith(base))
             print(f"{'FAIL' if problems else 'ok  '} {page}: {r['formulas']} formulas typeset, "
                   f"{len(r['images'])} images, {r['widgets']} widgets, {internal} internal links"
