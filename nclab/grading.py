@@ -7,8 +7,11 @@ nclab's own implementation or with a property that needs no reference, and retur
 got, the exception and its message). A ``NotImplementedError`` from a stub scores zero for that part
 with the feedback "not implemented yet".
 
-A :class:`Score` renders as a table in a notebook, prints as text, adds up with ``+`` and can be
-asserted in pytest: ``assert score.full_marks, score``.
+A :class:`Score` renders as a table in a notebook with one row per check (points and a short
+reason; the failing cases folded below), prints as text the same way (:meth:`Score.details` lists
+every case), adds up with ``+`` and can be asserted in pytest: ``assert score.full_marks, score``.
+:func:`attempt` wraps the notebook lines that try a student's functions, so that a stub says
+"not implemented yet" in one line instead of a traceback.
 
 Conventions graded (the paper's, eq. 4): ``mu_G`` is the mean of the class means,
 ``Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T``,
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +49,7 @@ __all__ = [
     "check_probe_accuracy",
     "check_scl_model",
     "NOT_IMPLEMENTED",
+    "attempt",
 ]
 
 NOT_IMPLEMENTED = "not implemented yet"
@@ -119,7 +124,38 @@ class Score:
         """One score titled ``title`` holding every case of ``scores``."""
         return Score(title, [r for s in scores for r in s.results])
 
+    def _part_rows(self) -> list[tuple[str, str, float, float, str]]:
+        """One row per part: ``(status, part, points, max_points, reason)``. The status is
+        ``pass`` when every case passed, ``not implemented`` when the function is a stub, else
+        ``fail``; the reason names the first failing case and how many failed."""
+        rows = []
+        for part, (pts, mx) in self.parts.items():
+            mine = [r for r in self.results if r.part == part]
+            bad = [r for r in mine if r.status != "pass"]
+            if not bad:
+                rows.append(("pass", part, pts, mx, f"all {len(mine)} cases pass"))
+            elif any(r.status == "not implemented" for r in bad):
+                rows.append(("not implemented", part, pts, mx, NOT_IMPLEMENTED))
+            else:
+                first = bad[0]
+                rows.append(("fail", part, pts, mx, f"{len(bad)} of {len(mine)} cases fail; "
+                             f"{first.case}: {first.message}"))
+        return rows
+
     def __str__(self) -> str:
+        """The score and one line per part (check): status, points and a short reason; every
+        case is in :meth:`details`."""
+        lines = [f"{self.title}: {_fmt_pts(self.points)} / {_fmt_pts(self.max_points)} points"]
+        width = max((len(p) for p in self.parts), default=0)
+        for status, part, pts, mx, reason in self._part_rows():
+            lines.append(f"  {_STATUS_ICON[status]} {part:<{width}}  {_fmt_pts(pts):>4} / "
+                         f"{_fmt_pts(mx):<3} {reason}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def details(self) -> str:
+        """Every case on its own line, grouped by part (a stub's hint once per part)."""
         lines = [f"{self.title}: {_fmt_pts(self.points)} / {_fmt_pts(self.max_points)} points"]
         for part, (pts, mx) in self.parts.items():
             lines.append(f"  {part}: {_fmt_pts(pts)} / {_fmt_pts(mx)}")
@@ -132,27 +168,49 @@ class Score:
                 lines.append(f"    {_STATUS_ICON[r.status]} {r.case}: {r.message}")
         return "\n".join(lines)
 
-    __repr__ = __str__
-
     def _repr_html_(self) -> str:
         e = html.escape
         rows = []
-        for r in self.results:
-            colour = _STATUS_COLOUR[r.status]
+        for status, part, pts, mx, reason in self._part_rows():
+            colour = _STATUS_COLOUR[status]
             rows.append(
-                f"<tr><td>{e(r.part)}</td><td>{e(r.case)}</td>"
-                f"<td style='color:{colour};text-align:center'>{_STATUS_ICON[r.status]}</td>"
-                f"<td style='text-align:right'>{_fmt_pts(r.points)} / {_fmt_pts(r.max_points)}</td>"
-                f"<td style='text-align:left'>{e(r.message)}</td></tr>"
+                f"<tr><td style='color:{colour};text-align:center'>{_STATUS_ICON[status]}</td>"
+                f"<td>{e(part)}</td>"
+                f"<td style='text-align:right'>{_fmt_pts(pts)} / {_fmt_pts(mx)}</td>"
+                f"<td style='text-align:left'>{e(reason)}</td></tr>"
             )
+        failed = [r for r in self.results if r.status in ("fail", "error")]
+        more = ""
+        if failed:
+            items = "".join(f"<li>{e(r.part)} / {e(r.case)}: {e(r.message)}</li>" for r in failed)
+            more = (f"<details><summary>the {len(failed)} failing case(s)</summary><ul>{items}"
+                    "</ul></details>")
         pct = 100 * self.fraction
         return (
             f"<div><strong>{e(self.title)}: {_fmt_pts(self.points)} / "
             f"{_fmt_pts(self.max_points)} points ({pct:.0f}%)</strong>"
-            "<table><thead><tr><th>part</th><th>case</th><th></th><th>points</th>"
-            "<th style='text-align:left'>feedback</th></tr></thead><tbody>"
-            + "".join(rows) + "</tbody></table></div>"
+            "<table><thead><tr><th></th><th>check</th><th>points</th>"
+            "<th style='text-align:left'>result</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>" + more + "</div>"
         )
+
+
+@contextmanager
+def attempt(what: str | None = None) -> Iterator[None]:
+    """Run the lines that try a student's functions. While one of them is still a stub (raises
+    ``NotImplementedError``), the rest of the block is skipped and one line says which function
+    (``what``, else the function that raised) is not written yet, instead of a traceback. Any
+    other exception propagates with its traceback: it is a bug to see."""
+    try:
+        yield
+    except NotImplementedError as err:
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        qual = tb.tb_frame.f_code.co_qualname if tb is not None else "a function"
+        name = what or qual.split("<locals>.")[-1]
+        print(f"{_STATUS_ICON['not implemented']} {name}: {NOT_IMPLEMENTED}; this cell runs once "
+              "it is written (the grading cell scores it 0)")
 
 
 def _fmt_pts(x: float) -> str:

@@ -100,7 +100,7 @@ def test_wrong_shape_exception_and_stub_feedback():
     s = G.check_nc1(stub)
     assert s.points == 0
     assert all(r.status == "not implemented" for r in s.results)
-    assert "not implemented yet" in s.results[0].message and "outer products" in str(s)
+    assert "not implemented yet" in s.results[0].message and "outer products" in s.details()
     s = G.check_nc1(lambda h, y, k: float("nan"))
     assert "non-finite" in s.results[0].message
 
@@ -116,6 +116,7 @@ def test_score_adds_renders_and_selects_parts():
     assert text.startswith("A1: 2 / 4 points")
     html = total._repr_html_()
     assert "<table>" in html and "not implemented yet" in html
+    assert html.count("<tr>") == 1 + 2  # header + one row per check, not one per case
     assert (G.check_sigma_w(sigma_w) + G.check_nc1(nc1)).full_marks
 
 
@@ -197,3 +198,42 @@ def test_layerwise_nc1_and_probe_checks():
     pct = G.check_probe_accuracy(lambda *a: 100 * _probe_accuracy(*a))
     assert pct.points == 0 and "percentage" in pct.results[0].message
     assert G.check_probe_accuracy(stub).points == 0
+
+
+def test_score_shows_one_line_per_check():
+    wrong = G.Score.total("A1", G.check_sigma_w(sigma_w), G.check_nc1(stub),
+                          G.check_cdnv(lambda h, y, k: 1.0))
+    lines = str(wrong).splitlines()
+    assert lines[0] == "A1: 2 / 6 points" and len(lines) == 4
+    assert lines[1].split()[:5] == ["✔", "sigma_w", "2", "/", "2"]
+    assert lines[2].split()[:5] == ["…", "nc1", "0", "/", "2"] and "not implemented yet" in lines[2]
+    assert "outer products" not in str(wrong)  # the stub's hint is in the notebook, not repeated
+    n = len(wrong.part("cdnv").results)
+    assert f"{n} of {n} cases fail" in lines[3] and "expected" in lines[3]
+    details = wrong.details()
+    assert details.count("✘") == n and details.count("outer products") == 1
+    html = wrong._repr_html_()
+    assert html.count("<tr>") == 4 and html.count("<li>") == n and "<details>" in html
+    assert "<details>" not in G.check_sigma_w(sigma_w)._repr_html_()
+
+
+def test_attempt_summarises_a_stub_in_one_line(capsys):
+    def sigma_b(h, y, k):
+        raise NotImplementedError("average the outer products")
+
+    ran = []
+    with G.attempt():
+        sigma_b(None, None, 3)
+        ran.append("after")  # skipped
+    out = capsys.readouterr().out
+    assert ran == [] and out.count("\n") == 1
+    assert out.startswith("… sigma_b: not implemented yet") and "outer products" not in out
+    with G.attempt("Task 2"):
+        sigma_b(None, None, 3)
+    assert capsys.readouterr().out.startswith("… Task 2: not implemented yet")
+    with pytest.raises(ZeroDivisionError):  # a bug in written code keeps its traceback
+        with G.attempt():
+            _ = 1 / 0
+    with G.attempt():
+        ran.append("ok")
+    assert ran == ["ok"] and capsys.readouterr().out == ""
