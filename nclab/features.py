@@ -184,7 +184,7 @@ def extract(
             num_classes = _labels_pass(data)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes} (empty data?)")
-        from .metrics import ClassStatsGroup
+        from .accumulators import ClassStatsGroup
 
         group = ClassStatsGroup(num_classes, device=dev, check="auto", names=names)
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}

@@ -28,6 +28,7 @@ a trainable suffix for caching the prefix's output.
 
 from __future__ import annotations
 
+import abc
 import copy as _copy
 import re
 import warnings
@@ -112,7 +113,7 @@ class SkipPool(nn.Module):
         return F.pad(pooled, (0, self.width - c)) if c < self.width else pooled
 
 
-class _Prepared(nn.Module):
+class _Prepared(nn.Module, abc.ABC):
     """What a prepared model and its cached-prefix suffix share: BatchNorm layers stay in eval mode
     under ``train()`` when ``freeze_norm``; with ``recompute_frozen``, ``features`` recomputes the
     frozen blocks after the tuned one (``frozen_after()``) in the backward pass."""
@@ -126,11 +127,13 @@ class _Prepared(nn.Module):
             _norms_eval(self)
         return self
 
+    @abc.abstractmethod
     def frozen_after(self) -> list[nn.Module]:
-        raise NotImplementedError
+        """The frozen blocks after the tuned one, in forward order."""
 
+    @abc.abstractmethod
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The penultimate features of ``x`` (without recomputation)."""
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (see the subclass's ``_features``)."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import features_labels
+from ._checks import features_labels, positive_int
 
 __all__ = ["ProbeResult", "linear_probe", "mlp_probe", "probe_layers", "sklearn_C"]
 
@@ -96,20 +96,8 @@ def sklearn_C(weight_decay: float, n: int) -> float:
 
 
 def _num_classes(num_classes) -> int | None:
-    """``num_classes`` as a Python int >= 1 (NumPy/torch integers accepted, bool refused)."""
-    if num_classes is None:
-        return None
-    if isinstance(num_classes, bool) or (isinstance(num_classes, torch.Tensor)
-                                         and num_classes.dtype == torch.bool):
-        raise TypeError(f"num_classes must be an integer, got bool {num_classes}")
-    try:
-        k = operator.index(num_classes)
-    except TypeError:
-        raise TypeError(f"num_classes must be an integer, got {type(num_classes).__name__} "
-                        f"{num_classes!r}") from None
-    if k < 1:
-        raise ValueError(f"num_classes must be >= 1, got {k}")
-    return k
+    """``num_classes`` as a Python int >= 1 or None (:func:`nclab._checks.positive_int`)."""
+    return None if num_classes is None else positive_int(num_classes, "num_classes")
 
 
 def _finite(value, name: str, positive: bool) -> float:

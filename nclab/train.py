@@ -640,7 +640,9 @@ def fit(
     data. ``frozen_prefix_stats=True`` applies the same freeze without the cache (for a fair speed or
     accuracy comparison); it defaults to ``cache_prefix``.
 
-    ``checkpoint``: a file written atomically after every epoch, with a SHA-256 of its payload that
+    ``checkpoint``: a file written atomically after every epoch's training steps and before its
+    evaluation (a failing evaluation loses no epoch: ``resume=True`` evaluates that epoch's model
+    first and goes on), with a SHA-256 of its payload that
     is verified on disk before the previous one moves to ``<checkpoint>.prev``; stale
     ``<checkpoint>.tmp<pid>`` files of killed runs are removed on start. ``resume=True`` continues
     from it (if it exists) with the same result as an uninterrupted run; a damaged latest file falls
@@ -785,7 +787,22 @@ def fit(
 
         bar = tqdm(total=epochs, initial=start_epoch, desc=f"fit {method or ''}".strip(), unit="ep")
     t_start = time.perf_counter()
+
+    def due(epoch_no: int) -> bool:
+        return test is not None and (epoch_no % eval_every == 0 or epoch_no == epochs)
+
+    def evaluate() -> dict[str, Any]:
+        return _evaluate(model, test, dev, d, num_classes, layers, batch_size, size, mean, std, amp,
+                         channels_last)
+
     try:
+        if history.records and due(start_epoch) and history.records[-1].get("test_acc") is None:
+            # the checkpoint of epoch start_epoch was written before its evaluation, which did not
+            # finish (it raised, or the run was killed): evaluate that model now, as the run would
+            # have (same weights, same random state), and report the record as usual
+            history.records[-1].update(evaluate())
+            if callback is not None:
+                callback(history.records[-1])
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             ddp_module.train()
@@ -840,17 +857,17 @@ def fit(
                 "train_loss": float(totals[0] / totals[2]), "train_acc": float(totals[1] / totals[2]),
                 "test_loss": None, "test_acc": None, "nc1": None, "layer_nc1": None,
             }
-            if test is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
-                record.update(_evaluate(model, test, dev, d, num_classes, layers, batch_size, size,
-                                        mean, std, amp, channels_last))
             record["seconds"] = time.perf_counter() - t0
             history.records.append(record)
-            if ckpt_path is not None:
+            if ckpt_path is not None:  # before the evaluation: a failing one loses no epoch
                 if d.main:
                     _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                   "epoch": epoch + 1, "step": step, "rng": _rng_state(),
                                   "history": history.records, "config": config}, ckpt_path)
                 _barrier(d)
+            if due(epoch + 1):
+                record.update(evaluate())
+                record["seconds"] = time.perf_counter() - t0
             if bar is not None:
                 bar.update(1)
                 shown = {"loss": record["train_loss"]}

@@ -20,6 +20,7 @@ origin, licence) are in :data:`nclab.mirror.MIRROR`. The BatchNorm ResNet-20 of 
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch import nn
 __all__ = ["ARCHITECTURES", "ZOO", "ZooNet", "ZooSpec", "build", "read_state_dict", "recipe_family"]
 
 
-class ZooNet(nn.Module):
+class ZooNet(nn.Module, abc.ABC):
     """Base of the zoo backbones (see the module docstring for ``units``, ``steps``, ``head_key``).
     ``image_size`` is 32; ``num_features`` the penultimate width ``d``."""
 
@@ -39,8 +40,9 @@ class ZooNet(nn.Module):
     image_size: int = 32
     num_features: int = 0
 
+    @abc.abstractmethod
     def steps(self) -> list[nn.Module]:
-        raise NotImplementedError
+        """The forward pass as a list of modules (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for step in self.steps():

@@ -509,6 +509,35 @@ def test_test_set_missing_a_class_records_nan_nc1_and_keeps_training(tmp_path):
     assert T.load_checkpoint(ckpt)["epoch"] == 2
 
 
+def test_failing_evaluation_keeps_the_epoch_and_resume_goes_on(tmp_path, monkeypatch):
+    """The epoch's checkpoint is written before its evaluation: an evaluation that raises after
+    epoch 1 leaves epoch 1 on disk, and resume evaluates it and continues to the same run."""
+    train, test = _data(seed=0), _data(per_class=6, seed=1)
+    kw = dict(epochs=3, lr=0.05, weight_decay=1e-4, batch_size=12, augment=_flip, seed=3,
+              progress=False)
+    full = _tiny()
+    h_full = T.fit(full, train, test, **kw)
+    real = T._evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(T, "_evaluate", broken)
+    path = tmp_path / "c.pt"
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        T.fit(_tiny(), train, test, checkpoint=path, **kw)
+    state = T.load_checkpoint(path)
+    assert state["epoch"] == 1 and state["history"][0]["test_acc"] is None
+    monkeypatch.setattr(T, "_evaluate", real)
+    resumed, seen = _tiny(seed=5), []
+    h_res = T.fit(resumed, train, test, checkpoint=path, resume=True,
+                  callback=lambda r: seen.append(r["epoch"]), **kw)
+    assert seen == [1, 2, 3]  # epoch 1's record completed by its evaluation, then epochs 2-3
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert _strip(h_res.records) == _strip(h_full.records)
+
+
 def test_labels_outside_the_head_fail_before_the_first_step():
     from nclab.data import TensorDataset
 
