@@ -4,11 +4,13 @@ Prints ratios measured in this one run:
 
 1. NC1 of N x d float32 features with K classes: ``nclab.nc1(H, y)`` (low-rank route, float64) vs a
    plain float64 NumPy implementation (class means, Sigma_W, Sigma_B, ``pinv``); the two must agree
-   to 1e-6 relative. On CUDA also a dense float64 torch ``pinv`` route, and the streamed
-   ``ClassStats`` route. Beside it the arithmetic limit: the projection of the centred features on
-   the r <= K-1 directions of Sigma_B costs about N*d*K multiply-adds, timed at this machine's
-   float64 GEMM rate (a d x d product measured in the same run). The BLAS behind NumPy and torch,
-   their thread counts and the OPENBLAS_* variables in force are printed first.
+   to 1e-6 relative. On CUDA also a dense float64 torch ``pinv`` route. The streamed
+   ``ClassStats`` route, and its NC1 of the same features shifted by 1e8 (float64; it must stay
+   within 1e-8 of the unshifted value). Beside it the arithmetic limit: the projection of the
+   centred features on the r <= K-1 directions of Sigma_B costs about N*d*K multiply-adds, timed
+   at this machine's float64 GEMM rate (a d x d product measured in the same run). The BLAS
+   behind NumPy and torch, their thread counts and the OPENBLAS_* variables in force are printed
+   first.
 2. (CUDA) With TF32 switched on globally nclab's NC1 must not move; a naive float32 second-moment
    GEMM is shown for contrast.
 3. Streaming cost: a torchvision ResNet-18 (random weights) with 9 taps (stem + 8 residual blocks)
@@ -170,6 +172,16 @@ def bench_nc1(args, dev: torch.device, rows: list) -> None:
         raised = True
     print(f"  batches of 256: rel.diff {err_b:.1e} (must be <= 1e-9); bad label raised: {raised}")
     assert err_b <= 1e-9 and raised, "ClassStats on this device disagrees with the direct route"
+    # a shared offset 1e8 times the spread (float64 input): centred moments keep every digit
+    h64 = h.double()
+    v64 = nc1(h64, y, num_classes=k)
+    shifted = ClassStats(k, check="auto")
+    for i in range(0, n, 256):
+        shifted.update(h64[i:i + 256] + 1e8, y[i:i + 256])
+    err_off = abs(nc1(shifted) - v64) / v64
+    print(f"  offset 1e8 x spread, batches of 256: rel.diff {err_off:.1e} (must be <= 1e-8)")
+    rows.append(("nc1 rel.diff at offset 1e8", err_off))
+    assert err_off <= 1e-8, "streamed NC1 drifts under a large shared offset"
     if not args.skip_numpy:
         hn, yn = h.float().cpu().numpy(), y.cpu().numpy()
         t_np, v_np = timed(lambda: numpy_nc1(hn, yn, k), torch.device("cpu"), 1, warmup=0)
