@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 from . import assignments, runtime
 
@@ -74,12 +75,15 @@ def _fetch(args: argparse.Namespace) -> int:
         print(fetch.format_plan(items, name))
         return 0
     results = fetch.fetch(items, timeout=args.timeout, progress=not args.no_progress)
-    failed = [(it, state) for it, state in results if state not in ("present", "fetched", "manual")]
+    failed = [it for it, state in results if state not in ("present", "fetched", "manual")]
+    files = [it for it in items if it.kind != "manual"]
     total, exact = fetch.total_size(items)
-    print(f"profile {name}: {len(results) - len(failed)} of {len(results)} file(s) in place "
-          f"({fetch.human_size(total, exact)} planned)")
-    for _it, state in failed:
-        print(f"error: {state}", file=sys.stderr)
+    print(f"profile {name}: {len(files) - len(failed)} of {len(files)} file(s) in place "
+          f"({fetch.human_size(total, exact)} planned); {len(items) - len(files)} to get by hand")
+    if failed:
+        hosts = sorted({urlparse(it.url).netloc for it in failed})
+        print(f"error: {len(failed)} file(s) not fetched (FAILED above; from {', '.join(hosts)})",
+              file=sys.stderr)
     return 1 if failed else 0
 
 

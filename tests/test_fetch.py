@@ -228,3 +228,39 @@ def test_dry_run_prints_the_table_and_total(capsys):
                             "170.5 MB | MD5 (torchvision) |") for r in rows)
     assert any(ln.startswith("Total: approx. 6.0 GB") for ln in lines)
     assert "Manual" in out and "miniimagenet" in out
+
+
+def test_dataset_archive_is_verified_and_extracted_into_the_torchvision_layout(server, tmp_path,
+                                                                              monkeypatch):
+    import io
+    import tarfile
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("NCLAB_OFFLINE", raising=False)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        member = tarfile.TarInfo("cifar-10-batches-py/batches.meta")
+        member.size = 5
+        tar.addfile(member, io.BytesIO(b"hello"))
+    server.payload = buf.getvalue()
+    it = fetch.FetchItem("cifar10", "dataset", _url(server, "cifar-10-python.tar.gz"),
+                         tmp_path / "cifar-10-python.tar.gz", len(server.payload), True, "test",
+                         md5=hashlib.md5(server.payload).hexdigest(), extract_to=tmp_path,
+                         extracted=tmp_path / "cifar-10-batches-py")
+    [(_, state)] = fetch.fetch([it], timeout=2, progress=False, log=lambda s: None)
+    assert state == "fetched"
+    assert (tmp_path / "cifar-10-batches-py" / "batches.meta").read_bytes() == b"hello"
+    [(_, state)] = fetch.fetch([it], timeout=2, progress=False, log=lambda s: None)
+    assert state == "present" and len(server.ranges) == 1  # nothing downloaded twice
+
+
+def test_cli_fetch_offline_exits_1_naming_the_files(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("NCLAB_OFFLINE", "1")
+    monkeypatch.setenv("NCLAB_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("NCLAB_DATA", str(tmp_path))
+    assert cli.main(["fetch", "--profile", "real", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "profile real: 0 of 25 file(s) in place" in captured.out
+    assert "resnet20" in captured.out and mirror.MIRROR["resnet20"].origins[0] in captured.out
+    assert "25 file(s) not fetched" in captured.err
+    assert cli.main(["fetch", "--profile", "smoke"]) == 0
