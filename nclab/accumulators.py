@@ -187,30 +187,37 @@ def _chan_combine(acc: torch.Tensor, dim: int, nb: torch.Tensor, mb: torch.Tenso
     return delta, w
 
 
-def _batch_centred(buf: torch.Tensor, dim: int, y: torch.Tensor, k: int, shift: torch.Tensor,
+def _batch_centred(h: torch.Tensor, y: torch.Tensor, k: int, shift: torch.Tensor,
                    indicator: torch.Tensor | None = None):
-    """Centred moments of one batch held in ``buf`` = [h (dim columns, float64) | 1] (N, dim + 1),
-    overwritten: ``buf[:, :dim]`` becomes the centred features ``h - shift - m_b[y]``. Returns the
-    batch's counts (K,), means relative to ``shift`` (K, dim) and within sums of squares (K, T)."""
+    """Centred moments of one batch ``h`` (N, D), no state change: the batch's counts (K,), means
+    relative to ``shift`` (K, D) and within sums of squares (K, T) (per tap: the columns of
+    ``indicator`` (D, T); None: one tap), and the centred features ``h - shift - m_b[y]`` (N, D),
+    float64. A NaN/Inf feature, or squares overflowing float64, make the sums of squares
+    non-finite. About four passes over the batch, no host sync."""
+    n, dim = h.shape
+    buf = torch.empty(n, dim + 1, dtype=_F64, device=h.device)
     x = buf[:, :dim]
-    x.sub_(shift)
-    s = torch.zeros(k, dim + 1, dtype=_F64, device=buf.device)
+    torch.sub(h, shift, out=x)
+    buf[:, dim].fill_(1.0)
+    s = torch.zeros(k, dim + 1, dtype=_F64, device=h.device)
     _class_sums(s, y, buf)
     nb = s[:, dim]
     mb = s[:, :dim] / nb.clamp_min(1.0)[:, None]
     x.sub_(mb[y])
-    sq = x * x
-    sq = sq.sum(1, keepdim=True) if indicator is None else sq @ indicator
-    m2b = torch.zeros(k, sq.shape[1], dtype=_F64, device=buf.device)
+    sq = torch.linalg.vecdot(x, x)[:, None] if indicator is None else (x * x) @ indicator
+    m2b = torch.zeros(k, sq.shape[1], dtype=_F64, device=h.device)
     _class_sums(m2b, y, sq)
-    return nb, mb, m2b
+    return nb, mb, m2b, x
 
 
-def _shift_for(buf: torch.Tensor, dim: int, acc: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _shift_for(h: torch.Tensor, acc: torch.Tensor, shift: torch.Tensor, deferred: bool) -> torch.Tensor:
     """The shift this batch is centred by: the stored one, or this batch's mean while nothing has
-    been accumulated (any vector near the data works: moments are stored relative to it)."""
-    empty = acc[:, dim].sum() == 0
-    return torch.where(empty, buf[:, :dim].mean(0), shift)
+    been accumulated (any vector near the data works: moments are stored relative to it). Eager:
+    decided on the host (no reduction once data came); deferred: on the device (CUDA-graph safe)."""
+    count = acc[:, shift.shape[0]]  # [means (D) | counts | ...]
+    if not deferred:
+        return h.mean(0, dtype=_F64) if float(count.sum()) == 0 else shift
+    return torch.where(count.sum() == 0, h.mean(0, dtype=_F64), shift)
 
 
 def _class_scatters_add(out: torch.Tensor, c: torch.Tensor, y: torch.Tensor) -> None:
@@ -402,7 +409,6 @@ class ClassStats:
 
     def reset(self) -> ClassStats:
         """Zero every statistic (keeps K, d and the device)."""
-        self.check()
         for t in self._tensors().values():
             t.zero_()
         return self
@@ -493,22 +499,17 @@ class ClassStats:
         captured in a CUDA graph when there are no per-class scatters): ``flags`` receives [number
         of bad labels, the batch's within sum of squares] (non-finite iff a feature is NaN/Inf or
         squares overflow) and a bad batch changes nothing."""
-        n, d = h.shape
+        d = h.shape[1]
         k = self.num_classes
         y_safe = y.clamp(0, k - 1)
-        buf = torch.empty(n, d + 1, dtype=_F64, device=h.device)
-        buf[:, :d].copy_(h)
-        buf[:, d].fill_(1.0)
-        shift = _shift_for(buf, d, self._acc, self._shift)
-        nb, mb, m2b = _batch_centred(buf, d, y_safe, k, shift)
-        c = buf[:, :d]
-        if flags is None:
-            nonfinite = (~torch.isfinite(h)).sum() if h.dtype.is_floating_point else y.new_zeros(())
-            bad, nf, total = torch.stack([(y_safe != y).sum().to(_F64), nonfinite.to(_F64),
-                                          m2b.sum()]).tolist()
-            if bad or nf:
-                _raise_bad(h, y, k, int(nf), int(bad))
-            if not math.isfinite(total):
+        shift = _shift_for(h, self._acc, self._shift, deferred=flags is not None)
+        nb, mb, m2b, c = _batch_centred(h, y_safe, k, shift)
+        if flags is None:  # non-finite features make the sum of squares non-finite
+            bad, total = torch.stack([(y_safe != y).sum().to(_F64), m2b.sum()]).tolist()
+            if bad or not math.isfinite(total):
+                nf = int((~torch.isfinite(h)).sum()) if h.dtype.is_floating_point else 0
+                if bad or nf:
+                    _raise_bad(h, y, k, nf, int(bad))
                 raise DegenerateFeaturesError(_OVERFLOW)
         else:
             torch.stack([(y_safe != y).sum().to(_F64), m2b.sum()], out=flags)
@@ -818,14 +819,11 @@ class ClassStatsGroup:
         k, total = self.num_classes, self._indicator.shape[0]
         y = y.long()
         y_safe = y.clamp(0, k - 1)
-        buf = torch.empty(n, total + 1, dtype=_F64, device=y.device)
-        buf[:, :total].copy_(torch.cat([hs[name] for name in self._order], 1))
-        buf[:, total].fill_(1.0)
-        shift = _shift_for(buf, total, self._acc, self._shift)
-        nb, mb, m2b = _batch_centred(buf, total, y_safe, k, shift, self._indicator)
-        c = buf[:, :total]
         deferred = self.check_mode == "deferred" or (self.check_mode == "auto"
                                                      and y.device.type != "cpu")
+        h = torch.cat([hs[name] for name in self._order], 1)
+        shift = _shift_for(h, self._acc, self._shift, deferred)
+        nb, mb, m2b, c = _batch_centred(h, y_safe, k, shift, self._indicator)
         flags = torch.stack([(y_safe != y).sum().to(_F64), m2b.sum()])
         if deferred:  # no host sync; a bad batch changes nothing and raises at the next call
             ok = (flags[0] == 0) & torch.isfinite(flags[1])
