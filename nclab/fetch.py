@@ -159,8 +159,8 @@ _FEWSHOT_SOURCE = {"cifar_fs": "cifar100", "cifar10_fs": "cifar10_2k",
 #: What notebooks load by a literal name beyond the studies' configuration: profile -> {name: user}.
 _NOTEBOOK_EXTRAS: dict[str, dict[str, str]] = {
     "real": {"resnet20": "assignment 02", "fashion_mnist_2k": "assignment 02"},
-    "course": {"cifar10": "ch. 01", "convnext_atto": "assignment 03"},
-    "paper": {"cifar10": "ch. 01", "convnext_atto": "assignment 03"},
+    "course": {"convnext_atto": "assignment 03"},
+    "paper": {"convnext_atto": "assignment 03"},
 }
 
 
@@ -169,6 +169,8 @@ _NOTEBOOK_EXTRAS: dict[str, dict[str, str]] = {
 
 def _needs(prof: Profile) -> dict[str, list[str]]:
     """Registry names (datasets and backbones) the profile reads -> the chapters that read them."""
+    from .collapse import quickstart
+    from .collapse import study as collapse_study
     from .downstream import study as downstream_study
     from .fewshot import study as fewshot_study
     from .finetune_study import study as finetune_study
@@ -179,12 +181,15 @@ def _needs(prof: Profile) -> dict[str, list[str]]:
         if name and user not in out.setdefault(name, []):
             out[name].append(user)
 
-    if prof.name == "real":
-        add(prof.source, "ch. 00")
-        add(prof.models[0], "ch. 00")
-        for m in prof.models:
-            add(m, "ch. 01")
-        add(prof.source, "ch. 01")
+    qs = quickstart(prof)
+    add(qs.dataset, "ch. 00")
+    if qs.pretrained:
+        add(qs.arch, "ch. 00")
+    cs = collapse_study(prof)
+    for d in (cs.terminal_data, cs.images, cs.projection_source, cs.projection_downstream):
+        add(d, "ch. 01")
+    for m in (*cs.models, *((cs.projection_model,) if cs.projection_pretrained else ())):
+        add(m, "ch. 01")
     ds = downstream_study(prof)
     for m in (*ds.models, *ds.family, *ds.one_family, ds.encoder):
         add(m, "ch. 02")

@@ -170,10 +170,11 @@ def test_course_plan_lists_datasets_and_weights():
     for name in ("cifar10", "cifar100", "dtd", "oxford_pets/images.tar.gz",
                  "oxford_pets/annotations.tar.gz", "fgvc_aircraft", "resnet18", "resnet34",
                  "resnet50", "densenet121", "densenet169", "densenet201", "mobilenet_v2",
-                 "googlenet", "vit_b32", "clip_vit_b32", "convnext_atto", "miniimagenet"):
+                 "googlenet", "vit_b32", "clip_vit_b32", "convnext_atto", "miniimagenet",
+                 "cifar10_2k", "fashion_mnist_2k", "resnet20"):  # ch. 01's projection: the mirror
         assert name in names, name
-    assert len(names) == len(set(names)) == 18
-    assert {it.kind for it in items} == {"dataset", "torchvision", "hf", "manual"}
+    assert len(names) == len(set(names)) == 21
+    assert {it.kind for it in items} == {"dataset", "torchvision", "hf", "mirror", "manual"}
     total, exact = fetch.total_size(items)
     assert 5e9 < total < 7e9 and not exact
     assert [it.name for it in items if it.kind == "manual"] == ["miniimagenet"]
@@ -220,10 +221,10 @@ def test_dry_run_prints_the_table_and_total(capsys):
     assert cli.main(["fetch", "--dry-run", "--profile", "course"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0] == "Plan for profile `course`: 17 file(s) to download."
+    assert lines[0] == "Plan for profile `course`: 20 file(s) to download."
     assert "| file | origin | size | check | used by |" in lines
     rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| file")]
-    assert len(rows) == 17
+    assert len(rows) == 20
     assert any(r.startswith("| cifar10 | https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz | "
                             "170.5 MB | MD5 (torchvision) |") for r in rows)
     assert any(ln.startswith("Total: approx. 6.0 GB") for ln in lines)
