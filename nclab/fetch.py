@@ -171,6 +171,7 @@ def _needs(prof: Profile) -> dict[str, list[str]]:
     """Registry names (datasets and backbones) the profile reads -> the chapters that read them."""
     from .collapse import quickstart
     from .collapse import study as collapse_study
+    from .downstream import recipe_study
     from .downstream import study as downstream_study
     from .fewshot import study as fewshot_study
     from .finetune_study import study as finetune_study
@@ -198,6 +199,11 @@ def _needs(prof: Profile) -> dict[str, list[str]]:
     add(prof.source, "ch. 03")
     for d in prof.downstream:
         add(d, "ch. 03")
+    rs = recipe_study(prof)
+    for m in rs.models:
+        add(m, "ch. 03")
+    for t in (*rs.tasks, *((rs.source,) if rs.source else ())):
+        add(t.dataset, "ch. 03")
     fs = fewshot_study(prof)
     add(_FEWSHOT_SOURCE.get(fs.dataset), "ch. 04")
     add(_FEWSHOT_SOURCE.get(fs.cross_domain or ""), "ch. 04")

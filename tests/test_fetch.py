@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from nclab import cli, fetch, mirror
+from nclab import cli, downstream, fetch, mirror
 
 
 # --------------------------------------------------------------------------- a local server
@@ -171,9 +171,12 @@ def test_course_plan_lists_datasets_and_weights():
                  "oxford_pets/annotations.tar.gz", "fgvc_aircraft", "resnet18", "resnet34",
                  "resnet50", "densenet121", "densenet169", "densenet201", "mobilenet_v2",
                  "googlenet", "vit_b32", "clip_vit_b32", "convnext_atto", "miniimagenet",
-                 "cifar10_2k", "fashion_mnist_2k", "resnet20"):  # ch. 01's projection: the mirror
+                 "cifar10_2k", "fashion_mnist_2k", "resnet20",  # ch. 01's projection: the mirror
+                 "oval_wide", "sdp_cnn_a_adv", "sdp_cnn_a_mix4"):  # ch. 03's recipes: the zoo
         assert name in names, name
-    assert len(names) == len(set(names)) == 21
+    recipes = downstream.recipe_study("course").models
+    assert set(recipes) <= set(names) and len(recipes) == 8
+    assert len(names) == len(set(names)) == 29
     assert {it.kind for it in items} == {"dataset", "torchvision", "hf", "mirror", "manual"}
     total, exact = fetch.total_size(items)
     assert 5e9 < total < 7e9 and not exact
@@ -221,10 +224,10 @@ def test_dry_run_prints_the_table_and_total(capsys):
     assert cli.main(["fetch", "--dry-run", "--profile", "course"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0] == "Plan for profile `course`: 20 file(s) to download."
+    assert lines[0] == "Plan for profile `course`: 28 file(s) to download."
     assert "| file | origin | size | check | used by |" in lines
     rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| file")]
-    assert len(rows) == 20
+    assert len(rows) == 28
     assert any(r.startswith("| cifar10 | https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz | "
                             "170.5 MB | MD5 (torchvision) |") for r in rows)
     assert any(ln.startswith("Total: approx. 6.0 GB") for ln in lines)
