@@ -69,7 +69,13 @@ class FineTuneStudy:
     second: str | None = None
     second_block: int | None = None
     sweep_seeds: tuple[int, ...] = (0,)
+    scarce_shots: tuple[int, ...] | None = None
     checked: tuple[str, ...] = ()
+
+    def scarce_sizes(self, per_class: int) -> list[int]:
+        """Training images per class of the Fig. 8 subsets: ``scarce_shots`` (default ``shots``)
+        below ``per_class``, the size of the full training set, whose point is Table 3's runs."""
+        return [n for n in (self.scarce_shots or self.shots) if n < per_class]
 
     def tuned_block(self, backbone: nn.Module, *, second: bool = False) -> int:
         """Block k of Table 3 for ``backbone``: ``block`` (``second_block`` for the second
@@ -199,6 +205,7 @@ def study(profile=None) -> FineTuneStudy:
         return FineTuneStudy(**common, backbone=prof.models[0], downstream=prof.downstream[0],
                              lora_rank=8, tune_sweep=(1, 4, 7), per_class=50, cache=True,
                              second="pyhessian_resnet20", sweep_seeds=prof.seeds,
+                             scarce_shots=(3, 10),
                              checked=("nc1_ranks_methods", "one_block_beats_probe",
                                       "full_most_accurate", "scl_beats_layer",
                                       "second_one_block_beats_probe",

@@ -129,6 +129,10 @@ def test_study_per_profile():
     assert smoke.sweep(6) == [1, 2, 3, 4, 5, 6]
     assert course.sweep(16) == [1, 3, 5, 7, 8, 9, 11, 13, 15, 16]
     assert all(n >= 2 for n in course.many(16))
+    # Fig. 8: subsets strictly below the full set (whose point is Table 3's runs)
+    assert real.scarce_sizes(50) == [3, 10]
+    assert smoke.scarce_sizes(100) == [n for n in PROFILES["smoke"].shots_per_class if n < 100]
+    assert course.scarce_sizes(316) == [3, 10, 32, 100]
     for s in (smoke, real, course):
         assert s.epochs == PROFILES[s.profile].finetune_epochs
         assert s.seeds == PROFILES[s.profile].seeds
