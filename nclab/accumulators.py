@@ -191,23 +191,25 @@ def _batch_centred(h: torch.Tensor, y: torch.Tensor, k: int, shift: torch.Tensor
                    indicator: torch.Tensor | None = None):
     """Centred moments of one batch ``h`` (N, D), no state change: the batch's counts (K,), means
     relative to ``shift`` (K, D) and within sums of squares (K, T) (per tap: the columns of
-    ``indicator`` (D, T); None: one tap), and the centred features ``h - shift - m_b[y]`` (N, D),
-    float64. A NaN/Inf feature, or squares overflowing float64, make the sums of squares
-    non-finite. About four passes over the batch, no host sync."""
+    ``indicator`` (D, T); None: one tap), and a float64 buffer (N + K, D + 1) whose first N rows
+    hold the centred features ``h - shift - m_b[y]`` in the first D columns (the last K rows are
+    left for Chan's correction, so that one GEMM of N + K rows updates a scatter). A NaN/Inf
+    feature, or squares overflowing float64, make the sums of squares non-finite. About four
+    passes over the batch, no host sync."""
     n, dim = h.shape
-    buf = torch.empty(n, dim + 1, dtype=_F64, device=h.device)
-    x = buf[:, :dim]
+    buf = torch.empty(n + k, dim + 1, dtype=_F64, device=h.device)
+    x = buf[:n, :dim]
     torch.sub(h, shift, out=x)
-    buf[:, dim].fill_(1.0)
+    buf[:n, dim].fill_(1.0)
     s = torch.zeros(k, dim + 1, dtype=_F64, device=h.device)
-    _class_sums(s, y, buf)
+    _class_sums(s, y, buf[:n])
     nb = s[:, dim]
     mb = s[:, :dim] / nb.clamp_min(1.0)[:, None]
     x.sub_(mb[y])
     sq = torch.linalg.vecdot(x, x)[:, None] if indicator is None else (x * x) @ indicator
     m2b = torch.zeros(k, sq.shape[1], dtype=_F64, device=h.device)
     _class_sums(m2b, y, sq)
-    return nb, mb, m2b, x
+    return nb, mb, m2b, buf
 
 
 def _shift_for(h: torch.Tensor, acc: torch.Tensor, shift: torch.Tensor, deferred: bool) -> torch.Tensor:
@@ -499,11 +501,12 @@ class ClassStats:
         captured in a CUDA graph when there are no per-class scatters): ``flags`` receives [number
         of bad labels, the batch's within sum of squares] (non-finite iff a feature is NaN/Inf or
         squares overflow) and a bad batch changes nothing."""
-        d = h.shape[1]
+        n, d = h.shape
         k = self.num_classes
         y_safe = y.clamp(0, k - 1)
         shift = _shift_for(h, self._acc, self._shift, deferred=flags is not None)
-        nb, mb, m2b, c = _batch_centred(h, y_safe, k, shift)
+        nb, mb, m2b, buf = _batch_centred(h, y_safe, k, shift)
+        c = buf[:n, :d]
         if flags is None:  # non-finite features make the sum of squares non-finite
             bad, total = torch.stack([(y_safe != y).sum().to(_F64), m2b.sum()]).tolist()
             if bad or not math.isfinite(total):
@@ -514,12 +517,15 @@ class ClassStats:
         else:
             torch.stack([(y_safe != y).sum().to(_F64), m2b.sum()], out=flags)
             ok = (flags[0] == 0) & torch.isfinite(flags[1])
-            nb, mb, m2b, c = (torch.where(ok, t, 0.0) for t in (nb, mb, m2b, c))
+            nb, mb, m2b = (torch.where(ok, t, 0.0) for t in (nb, mb, m2b))
+            c.masked_fill_(~ok, 0.0)
             shift = torch.where(ok, shift, self._shift)
         self._shift.copy_(shift)
         delta, w = _chan_combine(self._acc, d, nb, mb, m2b)
-        if self._scatter is not None:
-            self._scatter.addmm_(c.T, c).addmm_((delta * w[:, None]).T, delta)
+        if self._scatter is not None:  # W += C^T C + delta^T diag(w) delta, as one GEMM
+            torch.mul(delta, w.sqrt()[:, None], out=buf[n:, :d])
+            a = buf[:, :d]
+            self._scatter.addmm_(a.T, a)
         if self._class_scatter is not None:
             _class_scatters_add(self._class_scatter, c, y_safe)
             self._class_scatter.baddbmm_((delta * w[:, None])[:, :, None], delta[:, None, :])
@@ -705,11 +711,12 @@ class ClassStatsGroup:
     ~25 small kernels per feature set, a batch costs one concatenation into a joint float64 buffer
     ``[h_1 | ... | h_T | 1]`` (feature sets of equal width side by side), one ``index_add`` for
     every class sum and count, one for the per-tap within sums of squares, and per group of equal
-    widths two batched GEMMs (the centred scatter ``C_g^T C_g`` and Chan's correction
-    ``Delta_g^T diag(w) Delta_g``): ~35 launches whatever T (ResNet-18's 9 taps: 4 width groups; a
-    ViT's 12 layers: 1). Every name must come in every update, in one order: ``names`` if given,
-    else the first update's. ``check`` and ``low_memory`` mean what they mean for
-    :class:`ClassStats`; errors name the feature set that caused them."""
+    widths one batched GEMM over the N centred rows and K correction rows ``sqrt(w_k) delta_k``
+    (the centred scatter plus Chan's correction): a number of launches that does not grow with T
+    (ResNet-18's 9 taps: 4 width groups; a ViT's 12 layers: 1). Every name must come in every
+    update, in one order: ``names`` if given, else the first update's. ``check`` and
+    ``low_memory`` mean what they mean for :class:`ClassStats`; errors name the feature set that
+    caused them."""
 
     def __init__(self, num_classes: int, device: torch.device | str | None = None,
                  low_memory: bool = False, check: str = "auto",
@@ -823,11 +830,13 @@ class ClassStatsGroup:
                                                      and y.device.type != "cpu")
         h = torch.cat([hs[name] for name in self._order], 1)
         shift = _shift_for(h, self._acc, self._shift, deferred)
-        nb, mb, m2b, c = _batch_centred(h, y_safe, k, shift, self._indicator)
+        nb, mb, m2b, buf = _batch_centred(h, y_safe, k, shift, self._indicator)
+        c = buf[:n, :total]
         flags = torch.stack([(y_safe != y).sum().to(_F64), m2b.sum()])
         if deferred:  # no host sync; a bad batch changes nothing and raises at the next call
             ok = (flags[0] == 0) & torch.isfinite(flags[1])
-            nb, mb, m2b, c = (torch.where(ok, t, 0.0) for t in (nb, mb, m2b, c))
+            nb, mb, m2b = (torch.where(ok, t, 0.0) for t in (nb, mb, m2b))
+            c.masked_fill_(~ok, 0.0)
             shift = torch.where(ok, shift, self._shift)
             host = torch.empty(2, dtype=_F64, pin_memory=y.device.type == "cuda")
             host.copy_(flags, non_blocking=True)
@@ -840,14 +849,12 @@ class ClassStatsGroup:
                 self._raise_for(hs, y)
         self._shift.copy_(shift)
         delta, w = _chan_combine(self._acc, total, nb, mb, m2b, self._indicator)
-        wdelta = delta * w[:, None]
+        if self._moments:  # rows N..N+K: sqrt(w) delta, so one batched GEMM adds both terms
+            torch.mul(delta, w.sqrt()[:, None], out=buf[n:, :total])
         for (d, col, names), s in zip(self._groups, self._moments):
             g = len(names)
-            cg = c[:, col:col + g * d].view(n, g, d).transpose(0, 1)  # (G, N, d)
-            s.baddbmm_(cg.transpose(1, 2), cg)
-            dg = delta[:, col:col + g * d].view(k, g, d).transpose(0, 1)  # (G, K, d)
-            wg = wdelta[:, col:col + g * d].view(k, g, d).transpose(0, 1)
-            s.baddbmm_(wg.transpose(1, 2), dg)
+            a = buf[:, col:col + g * d].view(n + k, g, d).transpose(0, 1)  # (G, N + K, d)
+            s.baddbmm_(a.transpose(1, 2), a)
         return self
 
     def stats(self) -> dict[str, ClassStats]:
