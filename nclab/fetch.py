@@ -111,7 +111,7 @@ class FetchItem:
 
 # --------------------------------------------------------------------------- tables
 
-#: The torchvision dataset archives: registry name -> ((file name, URL, MD5 or None, size in bytes,
+#: The torchvision dataset archives, by registry name -> ((file name, URL, MD5 or None, size in bytes,
 #: size exact?, download folder relative to the data root, extracted folder relative to the data
 #: root), ...). URLs and MD5s are torchvision 0.29's (``CIFAR10.url``/``tgz_md5``, ``DTD._URL``/
 #: ``_MD5``, ``OxfordIIITPet._RESOURCES``, ``FGVCAircraft._URL``, which publishes no checksum);
@@ -140,7 +140,7 @@ TORCHVISION_ARCHIVES: dict[str, tuple[tuple[str, str, str | None, int, bool, str
                        None, 2_750_000_000, False, ".", "fgvc-aircraft-2013b"),),
 }
 
-#: Weights from the Hugging Face hub: backbone name -> (repository, file, approximate size in bytes
+#: Weights from the Hugging Face hub, by backbone name -> (repository, file, approximate size in bytes
 #: = parameters x 4 bytes of float32, as counted from the architecture). The repository and file are
 #: the ones :func:`nclab.models.load_backbone` (timm's default tag, open_clip ``openai``) and
 #: ``timm.create_model(..., pretrained=True)`` read; tests/test_fetch.py checks them against timm and

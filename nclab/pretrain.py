@@ -1100,8 +1100,8 @@ class QuadraticFit:
 
     @property
     def turn(self) -> bool:
-        """True when the data show a maximum inside them: the interval of ``b2`` lies below 0 and
-        the vertex lies within ``x_range``."""
+        """Whether the data show a maximum inside them (the interval of ``b2`` lies below 0 and
+        the vertex lies within ``x_range``)."""
         lo, hi = self.x_range
         return self.high[2] < 0 and lo <= self.vertex <= hi
 
