@@ -35,9 +35,9 @@ undefined it raises :class:`DegenerateFeaturesError` (a ``ValueError``) naming t
 reason, never returning NaN, inf or 0 silently: zero between-class spread or all class means
 coinciding (``nc1``, ``nc1_trace``, ``equinorm``, ``etf_error``), two coinciding class means
 (``cdnv``), a centred class mean of zero length (``equiangularity``), a class whose features are
-all zero (``numerical_rank``), and class means, variances or squared norms that overflow float64
-(every measure; ``ClassStats.update`` for the squared norms). Missing classes keep their own
-``ValueError`` (``allow_missing=True`` drops them).
+all zero (``numerical_rank``), and class means or variances that overflow float64 (every measure;
+``ClassStats.update`` raises it when squared deviations from the class means overflow). Missing
+classes keep their own ``ValueError`` (``allow_missing=True`` drops them).
 
 Pseudo-inverse tolerance: eigenvalues of ``Sigma_B`` at most ``rtol * lambda_max`` are treated as
 zero, ``rtol = 1e-10`` by default (NumPy's ``pinv`` default, 1e-15, lies below the rounding noise of

@@ -229,8 +229,9 @@ def _sync_worker(rank: int, world: int, path: str, out: str) -> None:
         else:
             s.update(H[part][:10], y[part][:10]).update(H[part][10:], y[part][10:])
         s.sync()
-        torch.save({"nc1": M.nc1(s), "rank": M.numerical_rank(s), "n": s.num_samples},
-                   f"{out}.{rank}")
+        far = ClassStats(5).update(H[part] + 1e8, y[part]).sync()  # a shared offset, 1e8 x spread
+        torch.save({"nc1": M.nc1(s), "rank": M.numerical_rank(s), "n": s.num_samples,
+                    "nc1_far": M.nc1(far)}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -248,6 +249,7 @@ def test_sync_over_two_gloo_processes():
         assert r["n"] == len(y)
         assert rel(r["nc1"], M.nc1(single)) <= 1e-12
         assert rel(r["rank"], M.numerical_rank(single)) <= 1e-10
+        assert rel(r["nc1_far"], M.nc1(single)) <= 1e-8
 
 
 def test_sync_is_noop_without_distributed():
