@@ -449,7 +449,7 @@ class ClassStats:
 
     def __repr__(self) -> str:
         mode = ("per-class second moments" if self.second_moments else
-                "low memory" if self.low_memory else "total second moment")
+                "low memory" if self.low_memory else "within-class scatter")
         return (f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, device={self.device}, "
                 f"N={self.num_samples}, {mode})")
 
