@@ -621,7 +621,7 @@ class ClassStats:
 
         Call it once, after the last ``update`` on each rank. A no-op when ``torch.distributed`` is
         not initialised (single process). Ranks that saw no data take part with zeros. Centred
-        moments cannot simply be summed: see :meth:`_sync_with` for the three all-reduces."""
+        moments cannot simply be summed: ``_sync_with`` makes the three all-reduces."""
         import torch.distributed as dist
 
         self.check()

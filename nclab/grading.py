@@ -460,10 +460,9 @@ def _stats(h: torch.Tensor, y: torch.Tensor, k: int):
 
 
 def _ref_sigma_w(h, y, k) -> torch.Tensor:
-    """Sigma_W = (S - sum_k n_k mu_k mu_k^T) / N from nclab's streaming statistics."""
-    st = _stats(h, y, k)
-    mu, n = _f64(st.means), _f64(st.counts)
-    return (_f64(st.total_second_moment) - (mu * n[:, None]).T @ mu) / n.sum()
+    """Sigma_W = (1/N) sum_k sum_i (h_i - mu_k)(h_i - mu_k)^T from nclab's streaming statistics
+    (its centred per-class scatters: no cancellation when features share a large offset)."""
+    return _f64(_stats(h, y, k).Sigma_W)
 
 
 def _ref_sigma_b(h, y, k) -> torch.Tensor:
