@@ -10,10 +10,11 @@ comparison. Also printed: operations dispatched per batch by the two streaming u
 a kernel launch on a GPU), counted by the PyTorch profiler on any device. Target (issue 4):
 streaming ≤ 1.15× the bare pass. Random-init models: speed does not depend on the weights.
 
-Measured on 2 CPU cores (defaults: 224 px, batch 32, 4 batches, best of 3): streaming / bare
-forward ResNet-18 0.98x with the group, 1.00x per tap; ViT-B/32 1.01x and 1.02x. Operations per
-batch of the statistics update: ResNet-18's 9 taps, group 38 vs per-tap 216 (eager checks);
-ViT-B/32's 12 taps, 23 vs 288. GPU
+Measured on 2 CPU cores before the centred-moment accumulators (defaults: 224 px, batch 32, 4
+batches, best of 3): streaming / bare forward ResNet-18 0.98x with the group, 1.00x per tap;
+ViT-B/32 1.01x and 1.02x. Operations per batch of the statistics update with the centred
+moments: ResNet-18's 9 taps, group 81 vs per-tap 567 (eager checks); ViT-B/32's 12 taps, group
+66 (before: 38 vs 216 and 23 vs 288). GPU
 timings of the group update are not measured yet (the per-tap route measured 1.25-1.27x on an
 H200 for ResNet-18).
 
