@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 import torch
+from references import ref_nc1
 
 from nclab import data, downstream, models, runtime, zoo
 
@@ -168,23 +169,6 @@ def test_layer_seeds_default_to_the_probe_seeds():
     assert smoke.layer_probe_seeds() == smoke.probe_seeds() == smoke.seeds
 
 
-def _nc1_numpy(h: np.ndarray, y: np.ndarray) -> float:
-    """tr(Sigma_W Sigma_B^+) / K in float64 NumPy (paper eq. 4; mu_G the mean of the class means),
-    independent of nclab.metrics."""
-    classes = np.unique(y)
-    mu_g = np.mean([h[y == k].mean(axis=0) for k in classes], axis=0)
-    sw = np.zeros((h.shape[1], h.shape[1]))
-    sb = np.zeros_like(sw)
-    for k in classes:
-        hk = h[y == k]
-        mu = hk.mean(axis=0)
-        sw += (hk - mu).T @ (hk - mu)
-        sb += np.outer(mu - mu_g, mu - mu_g)
-    sw /= len(h)
-    sb /= len(classes)
-    return float(np.trace(sw @ np.linalg.pinv(sb, rcond=1e-10, hermitian=True)) / len(classes))
-
-
 def test_source_collapse_is_nc1_on_the_source_training_images(tiny):
     src = tiny.source
     df = downstream.source_collapse(tiny, src)
@@ -194,7 +178,8 @@ def test_source_collapse_is_nc1_on_the_source_training_images(tiny):
         h, y, is_test = downstream.features(tiny, name, src)
         assert is_test.any() and (~is_test).any()
         tr = (~is_test).numpy()
-        ref = _nc1_numpy(h["output"].double().numpy()[tr], y.numpy()[tr])
+        y_tr = y.numpy()[tr]
+        ref = ref_nc1(h["output"].double().numpy()[tr], y_tr, len(np.unique(y_tr)))
         assert got == pytest.approx(ref, rel=1e-8)
     one = downstream.source_collapse(tiny, src, models=["resnet_s-w4"])
     assert one.source_nc1.iloc[0] == df.set_index("model").source_nc1["resnet_s-w4"]

@@ -8,29 +8,12 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from references import ref_nc1, ref_parts
 
 from nclab import metrics as M
 from nclab.metrics import ClassStats
 
 # --------------------------------------------------------------------------- NumPy reference
-
-
-def ref_parts(H, y, K, weighted=False):
-    H = np.asarray(H, dtype=np.float64)
-    y = np.asarray(y)
-    n = np.array([np.sum(y == k) for k in range(K)], dtype=np.float64)
-    mus = np.stack([H[y == k].mean(axis=0) for k in range(K)])
-    mu_g = (n[:, None] * mus).sum(0) / n.sum() if weighted else mus.mean(axis=0)
-    C = H - mus[y]
-    sigma_w = C.T @ C / len(H)
-    Mt = mus - mu_g
-    sigma_b = Mt.T @ Mt / K
-    return n, mus, Mt, sigma_w, sigma_b, C
-
-
-def ref_nc1(H, y, K, weighted=False):
-    _, _, _, sw, sb, _ = ref_parts(H, y, K, weighted)
-    return float(np.trace(sw @ np.linalg.pinv(sb, rcond=1e-10, hermitian=True)) / K)
 
 
 def ref_nc1_trace(H, y, K):
