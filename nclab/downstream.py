@@ -31,7 +31,7 @@ from .features import extract
 from .metrics import nc1
 from .models import BACKBONES, blocks, load_backbone, normalization
 from .probe import linear_probe
-from .runtime import Profile, device, seed_everything
+from .runtime import Profile, cpu_threads, device, seed_everything
 from .transfer import h_score, logme
 from .zoo import recipe_family
 
@@ -100,8 +100,8 @@ class DownstreamStudy:
         """Seed everything with the first seed; on a CPU, use ``cpu_threads`` intra-op threads
         (small models on a shared CPU run faster on one thread than on several)."""
         seed_everything(self.seeds[0])
-        if self.cpu_threads is not None and device().type == "cpu":
-            torch.set_num_threads(self.cpu_threads)
+        if self.cpu_threads is not None:
+            cpu_threads(self.cpu_threads)
 
 
 #: small-net shapes of the smoke zoo (five-block ConvNets, six-block ResNets)

@@ -881,12 +881,10 @@ class SourceStudy:
     checked: frozenset[str] = field(default_factory=frozenset)
 
     def setup(self) -> None:
-        """On a CPU, one intra-op thread: the chapter's small models train faster on one thread
-        than with several threads fighting over a small (often shared) CPU."""
-        from .runtime import device
+        """On a CPU, one intra-op thread (:func:`nclab.runtime.cpu_threads`)."""
+        from .runtime import cpu_threads
 
-        if device().type == "cpu":
-            torch.set_num_threads(1)
+        cpu_threads(1)
 
     def run(self, configs: Sequence[Mapping[str, object]], *, epochs: int | None = None,
             device: torch.device | str | None = None, cache: bool = True,

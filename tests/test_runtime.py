@@ -84,3 +84,18 @@ def test_cache_and_data_dirs(monkeypatch, tmp_path):
     assert runtime.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
     assert runtime.data_dir() == tmp_path / "d"
     assert runtime.data_dir(tmp_path / "x") == tmp_path / "x"
+
+
+def test_cpu_threads_sets_the_intra_op_threads_on_a_cpu(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(runtime, "device", lambda: torch.device("cpu"))
+        runtime.cpu_threads(1)
+        assert torch.get_num_threads() == 1
+        runtime.cpu_threads(2)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(runtime, "device", lambda: torch.device("cuda"))
+        runtime.cpu_threads(1)
+        assert torch.get_num_threads() == 2  # a GPU run keeps its threads
+    finally:
+        torch.set_num_threads(before)
