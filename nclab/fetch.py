@@ -18,10 +18,8 @@ three decimals or from the parameter count, and some archives) is marked approxi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -347,24 +345,6 @@ def format_plan(items: list[FetchItem], profile_name: str) -> str:
 # --------------------------------------------------------------------------- downloading
 
 
-def _probe(url: str, timeout: float) -> bool:
-    """Whether the host of ``url`` accepts a TCP connection, bounded by ``timeout`` in total (name
-    resolution included: it runs in a thread that is abandoned when late)."""
-    result: list[bool] = []
-    t = threading.Thread(target=lambda: result.append(reachable(url, timeout)), daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(result and result[0])
-
-
-def _digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verify(path: Path, name: str, url: str, md5: str | None = None, sha256: str | None = None,
             sha256_prefix: str | None = None) -> None:
     """Raise :class:`ChecksumMismatch` (after deleting ``path``) unless its hash is the expected one."""
@@ -373,7 +353,7 @@ def _verify(path: Path, name: str, url: str, md5: str | None = None, sha256: str
     for label, algo, want, prefix in checks:
         if not want:
             continue
-        got = _digest(path, algo)
+        got = mirror.file_digest(path, algo)
         if (got.startswith(want.lower()) if prefix else got == want.lower()):
             continue
         path.unlink(missing_ok=True)
@@ -397,7 +377,7 @@ def download(url: str, dest: str | os.PathLike, name: str | None = None, size: i
 
     dest = Path(dest)
     name = name or dest.name
-    if not _probe(url, timeout):
+    if not reachable(url, timeout):
         host = urlparse(url).netloc
         raise SourceUnreachable(f"{name}: {host} does not answer within {timeout:g} s (offline?). "
                                 f"Fetch {url} into {dest} on a machine with internet.")
@@ -450,7 +430,7 @@ def _present(it: FetchItem) -> bool:
 def _fetch_hf(it: FetchItem, timeout: float) -> None:
     from huggingface_hub import hf_hub_download
 
-    if not _probe(it.url, timeout):
+    if not reachable(it.url, timeout):
         raise SourceUnreachable(f"{it.name}: huggingface.co does not answer within {timeout:g} s "
                                 f"(offline?). Fetch {it.url} (huggingface-cli download {it.hf_repo} "
                                 f"{it.hf_file}) into the Hugging Face cache {_hf_cache()}.")

@@ -48,6 +48,7 @@ __all__ = [
     "MirrorHashMismatch",
     "content_sha256",
     "fetch",
+    "file_digest",
     "file_sha256",
     "is_available",
     "status",
@@ -99,13 +100,18 @@ class MirrorFile:
 # --------------------------------------------------------------------------- hashes
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (what ``sha256sum`` prints)."""
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algo: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes with hashlib's ``algo`` (``sha256``, ``md5``), read in chunks."""
+    h = hashlib.new(algo)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (what ``sha256sum`` prints)."""
+    return file_digest(path, "sha256", chunk)
 
 
 def content_sha256(path: str | os.PathLike) -> str:

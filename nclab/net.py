@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from urllib.parse import urlparse
 
 OFFLINE_VARS: tuple[str, ...] = ("NCLAB_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -21,15 +22,26 @@ def offline() -> bool:
 
 
 def reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether the host of ``url`` accepts a TCP connection within ``timeout`` seconds.
+    """Whether the host of ``url`` accepts a TCP connection within ``timeout`` seconds in total
+    (name resolution included).
 
     ``url`` is a full URL (``https://host/path``, port from the scheme: 443 for https, 80 otherwise,
     unless the URL names one) or a bare host name (port 443).
     """
     parsed = urlparse(url if "://" in url else f"https://{url}")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    # name resolution ignores the socket timeout: run the whole check in a thread that is
+    # abandoned when late, so ``timeout`` bounds the total
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])

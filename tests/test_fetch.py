@@ -268,3 +268,16 @@ def test_cli_fetch_offline_exits_1_naming_the_files(capsys, monkeypatch, tmp_pat
     assert "resnet20" in captured.out and mirror.MIRROR["resnet20"].origins[0] in captured.out
     assert "25 file(s) not fetched" in captured.err
     assert cli.main(["fetch", "--profile", "smoke"]) == 0
+
+
+def test_reachable_is_bounded_by_its_timeout():
+    from nclab.net import reachable
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        assert reachable(f"http://127.0.0.1:{port}/x", timeout=2.0)
+    t0 = time.perf_counter()
+    assert not reachable(f"http://127.0.0.1:{port}/x", timeout=2.0)  # closed now
+    assert time.perf_counter() - t0 < 2.5
