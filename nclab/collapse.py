@@ -34,6 +34,7 @@ from torch import nn
 
 from . import metrics
 from .runtime import Profile
+from .runtime import profile as active_profile
 
 __all__ = ["UFMResult", "train_ufm", "Classifier", "TerminalPhaseResult", "train_terminal_phase",
            "layerwise_nc1", "nc1_by_sample_size", "Quickstart", "quickstart", "CollapseStudy",
@@ -316,12 +317,6 @@ def nc1_by_sample_size(
 
 
 # --------------------------------------------------------------------------- chapter configurations
-def _profile(profile: str | Profile | None) -> Profile:
-    from .runtime import profile as active_profile
-
-    return profile if isinstance(profile, Profile) else active_profile(profile)
-
-
 @dataclass(frozen=True)
 class Quickstart:
     """What chapter 00 runs in one profile.
@@ -352,7 +347,7 @@ def quickstart(profile: str | Profile | None = None) -> Quickstart:
     """Chapter 00's :class:`Quickstart` for ``profile`` (a name, a :class:`~nclab.runtime.Profile`,
     or None for the active one): real CIFAR-10 and ResNet-20 with its CIFAR-10 weights in
     ``real``; the offline digits and a randomly initialised ResNet-20 elsewhere."""
-    prof = _profile(profile)
+    prof = active_profile(profile)
     if prof.name == "real":
         return Quickstart(prof.name, prof.source,
                           "CIFAR-10, the first 2000 training / 1000 test images", (2000, 1000),
@@ -443,7 +438,7 @@ class CollapseStudy:
 def study(profile: str | Profile | None = None) -> CollapseStudy:
     """Chapter 01's :class:`CollapseStudy` for ``profile`` (a name, a
     :class:`~nclab.runtime.Profile`, or None for the active one)."""
-    prof = _profile(profile)
+    prof = active_profile(profile)
     common = dict(profile=prof.name, seeds=prof.seeds, epochs=prof.pretrain_epochs,
                   batch_size=prof.batch_size, projection_model="resnet20")
     if prof.name == "real":

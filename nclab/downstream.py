@@ -136,7 +136,7 @@ def study(profile: str | Profile | None = None) -> DownstreamStudy:
     from .runtime import profile as active_profile
     from .zoo import ZOO
 
-    prof = profile if isinstance(profile, Profile) else active_profile(profile)
+    prof = active_profile(profile)
     common = dict(profile=prof.name, seeds=prof.seeds, batch_size=prof.batch_size)
     if prof.name == "smoke":
         digits_task = Task("digits 5-9", "digits", (5, 6, 7, 8, 9))
@@ -189,7 +189,7 @@ def recipe_study(profile: str | Profile | None = None) -> DownstreamStudy:
     with five ConvNets of different widths pre-trained on digits 0-4 (widths, not recipes)."""
     from .runtime import profile as active_profile
 
-    prof = profile if isinstance(profile, Profile) else active_profile(profile)
+    prof = active_profile(profile)
     if prof.name == "smoke":
         return with_models(study("smoke"), tuple(f"convnet_s-w{w}" for w in (4, 8, 16, 32, 64)))
     real = active_profile("real")

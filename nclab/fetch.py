@@ -294,7 +294,7 @@ def plan(profile: str | Profile | None = None) -> list[FetchItem]:
     one) downloads, in a fixed order: datasets, weights, mirror files, then manual ones."""
     from .runtime import profile as active_profile
 
-    prof = profile if isinstance(profile, Profile) else active_profile(profile)
+    prof = active_profile(profile)
     items: list[FetchItem] = []
     for name, users in _needs(prof).items():
         items += _items_for(name, users)

@@ -800,10 +800,9 @@ class FewShotStudy:
 def study(profile=None) -> FewShotStudy:
     """The few-shot chapter's :class:`FewShotStudy` for ``profile`` (a name, a
     :class:`~nclab.runtime.Profile`, or None for the active one)."""
-    from .runtime import Profile
     from .runtime import profile as active_profile
 
-    prof = profile if isinstance(profile, Profile) else active_profile(profile)
+    prof = active_profile(profile)
     extra: dict = {
         "smoke": {"gain_checked": ("resnet12", "seresnet12")},
         "real": {"gain_checked": tuple(BACKBONES), "below_paper": True,

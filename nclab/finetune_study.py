@@ -187,10 +187,9 @@ class FineTuneStudy:
 def study(profile=None) -> FineTuneStudy:
     """The fine-tuning chapter's :class:`FineTuneStudy` for ``profile`` (a name, a
     :class:`~nclab.runtime.Profile`, or None for the active one)."""
-    from nclab.runtime import Profile
     from nclab.runtime import profile as active_profile
 
-    prof = profile if isinstance(profile, Profile) else active_profile(profile)
+    prof = active_profile(profile)
     common = dict(profile=prof.name, epochs=prof.finetune_epochs, batch_size=prof.batch_size,
                   seeds=prof.seeds, shots=prof.shots_per_class)
     if prof.name == "smoke":

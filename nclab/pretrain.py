@@ -1025,7 +1025,7 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
     from .data import class_subset, load
     from .runtime import profile as active_profile
 
-    prof = profile if isinstance(profile, Profile) else active_profile(profile)
+    prof = active_profile(profile)
     sizes = _STUDY_SIZES.get(prof.name, _STUDY_SIZES["course"])
     down_name = prof.downstream[0]
     size = sizes.get("image_size")

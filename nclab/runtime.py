@@ -164,9 +164,12 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def profile(name: str | None = None) -> Profile:
-    """The active profile: ``name`` if given, else ``$NCLAB_PROFILE``, else ``course`` with CUDA and
-    ``smoke`` without. An unknown name raises ``ValueError`` listing the valid ones."""
+def profile(name: str | Profile | None = None) -> Profile:
+    """The active profile: ``name`` if given (a :class:`Profile` is returned as it is), else
+    ``$NCLAB_PROFILE``, else ``course`` with CUDA and ``smoke`` without. An unknown name raises
+    ``ValueError`` listing the valid ones."""
+    if isinstance(name, Profile):
+        return name
     if name is None:
         name = os.environ.get("NCLAB_PROFILE", "").strip().lower() or None
     if name is None:

@@ -99,3 +99,9 @@ def test_cpu_threads_sets_the_intra_op_threads_on_a_cpu(monkeypatch):
         assert torch.get_num_threads() == 2  # a GPU run keeps its threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_profile_passes_a_profile_through():
+    real = runtime.PROFILES["real"]
+    assert runtime.profile(real) is real
+    assert runtime.profile("real") is real
