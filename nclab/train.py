@@ -402,11 +402,25 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
             tmp.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (``os.kill(pid, 0)``; one owned by another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _remove_stale_tmp(path: Path) -> None:
-    """Delete ``<path>.tmp<pid>`` files left by a killed run (not this process's)."""
-    mine = path.name + f".tmp{os.getpid()}"
+    """Delete ``<path>.tmp<pid>`` files left by a killed run: only those whose ``pid`` is not a live
+    process (a live one, e.g. a chapter running beside this one, may be writing it right now)."""
     for old in path.parent.glob(path.name + ".tmp*"):
-        if old.name != mine and old.name[len(path.name) + 4:].isdigit():
+        pid = old.name[len(path.name) + 4:]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             old.unlink(missing_ok=True)
 
 

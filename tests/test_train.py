@@ -607,3 +607,29 @@ def test_corrupt_latest_falls_back_to_previous_and_stale_tmp_removed(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(T.CheckpointError, match="ck.pt.prev is empty"):
         _run(path, 3, resume=True)
+
+
+def test_stale_tmp_cleanup_spares_live_writers(tmp_path):
+    """Two runs writing the same checkpoint at once (two chapters executed in parallel): the cleanup
+    on start deletes the temporary file of a dead pid, never that of a live process."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "ck.pt"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        live_tmp = tmp_path / f"ck.pt.tmp{live.pid}"
+        dead_tmp = tmp_path / f"ck.pt.tmp{dead.pid}"
+        other = tmp_path / "ck.pt.tmpx1"  # not a pid suffix: never touched
+        for f in (live_tmp, dead_tmp, other):
+            f.write_bytes(b"partial")
+        assert T._pid_alive(live.pid) and not T._pid_alive(dead.pid) and not T._pid_alive(0)
+        T._remove_stale_tmp(path)
+        assert live_tmp.exists() and other.exists() and not dead_tmp.exists()
+    finally:
+        live.kill()
+        live.wait()
+    T._remove_stale_tmp(path)
+    assert not live_tmp.exists()
