@@ -4,6 +4,7 @@
     nclab check-assignments [FOLDER]             exit 1 if a student version is stale or leaks code
     nclab check-quotes PATH [PATH ...]           exit 1 if a quote of the paper disagrees with it
     nclab fetch [--profile P] [--dry-run]        download what profile P needs (before class)
+    nclab rehearsal-weights [--profile P]        random-init weights for a rehearsal (make rehearse)
 
 The solutions are in ``book/instructors/solutions/`` (private: not in the book, the wheel or a
 public copy); the student versions are written to ``book/assignments/``.
@@ -142,7 +143,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for an origin host to answer (default 5)")
     fe.add_argument("--no-progress", action="store_true", help="no progress bars")
     fe.set_defaults(func=_fetch)
+    rw = sub.add_parser(
+        "rehearsal-weights",
+        help="write random-init ImageNet/CLIP weights into scratch caches for a rehearsal",
+        description="For a rehearsal of the course (NCLAB_REHEARSAL=1, see `make rehearse`): write "
+                    "random-init weights for every torchvision/timm/open_clip file the profile "
+                    "loads, at the paths of the torch hub and Hugging Face caches, which must be "
+                    "scratch folders named by TORCH_HOME and HF_HOME. Never real weights.")
+    rw.add_argument("--profile", choices=("course", "paper"), default=None,
+                    help="the profile to rehearse (default: $NCLAB_PROFILE)")
+    rw.set_defaults(func=_rehearsal_weights)
     return parser
+
+
+def _rehearsal_weights(args: argparse.Namespace) -> int:
+    from .rehearse import write_weights
+
+    if not runtime.rehearsing():
+        print("error: set NCLAB_REHEARSAL=1 (this writes random weights for a rehearsal only)",
+              file=sys.stderr)
+        return 2
+    try:
+        paths = write_weights(args.profile)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"rehearsal: {len(paths)} random-init weight files written")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

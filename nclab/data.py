@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .net import reachable as _reachable
-from .runtime import data_dir
+from .runtime import data_dir, rehearsing
 
 __all__ = [
     "TensorDataset",
@@ -36,6 +36,8 @@ __all__ = [
     "class_subset",
     "materialize",
     "load_tensors",
+    "stand_in",
+    "STAND_IN_SIZES",
     "batches",
     "normalize",
 ]
@@ -368,6 +370,112 @@ def _default_transform(size: int | None):
     return T.Compose([*steps, T.PILToTensor()])
 
 
+# --------------------------------------------------------------------------- rehearsal stand-ins
+#: Per remote dataset: (classes, images per class in train, in test, image width x height) of
+#: its rehearsal stand-in (:func:`stand_in`). The class counts are the real ones; the sizes are
+#: tiny. CIFAR-shaped sets reuse the mirror's real CIFAR-10 images (32 x 32).
+STAND_IN_SIZES: dict[str, tuple[int, int, int, tuple[int, int]]] = {
+    "cifar10": (10, 20, 5, (32, 32)),
+    "cifar100": (100, 18, 8, (32, 32)),
+    "fgvc_aircraft": (100, 3, 2, (800, 533)),
+    "dtd": (47, 3, 2, (640, 480)),
+    "oxford_pets": (37, 3, 2, (500, 375)),
+    "flowers102": (102, 3, 2, (500, 667)),
+    "sun397": (397, 3, 2, (640, 480)),
+}
+
+
+class _SyntheticImages(Dataset):
+    """Stand-in for a dataset of mixed-size photos: PIL images of ``size`` (every other one turned
+    to portrait, so the sizes are mixed), a per-class colour layout plus noise, made on demand
+    from ``(seed, index)``; ``transform`` as torchvision's datasets apply it."""
+
+    def __init__(self, num_classes: int, per_class: int, size: tuple[int, int], seed: int,
+                 transform: Callable | None, name: str) -> None:
+        self.classes = [f"{name} stand-in class {k}" for k in range(num_classes)]
+        self.targets = [k for k in range(num_classes) for _ in range(per_class)]
+        self.size, self.seed, self.transform, self.name = size, seed, transform, name
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        k = self.targets[i]
+        layout = np.random.default_rng(k).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        noise = np.random.default_rng((self.seed, i)).normal(0, 40, (32, 32, 3))
+        small = np.clip(np.kron(layout, np.ones((8, 8, 1))) + noise, 0, 255).astype(np.uint8)
+        w, h = self.size if i % 2 == 0 else self.size[::-1]
+        img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+        return (self.transform(img) if self.transform else img), k
+
+    def __repr__(self) -> str:
+        return (f"stand-in for {self.name!r} (synthetic, NOT real data): {len(self)} images, "
+                f"{len(self.classes)} classes, {self.size[0]}x{self.size[1]} px")
+
+
+def _cifar_stand_in(name: str, split: str) -> TensorDataset:
+    """The mirror's real CIFAR-10 images (:func:`cifar10_2k`) under ``name``'s classes: for
+    CIFAR-10 the first images of each class; for CIFAR-100 each CIFAR-10 class's images dealt
+    to 10 of the 100 class labels (real pictures, made-up labels)."""
+    num_classes, n_train, n_test, _ = STAND_IN_SIZES[name]
+    per_class = n_train if split == "train" else n_test
+    src = cifar10_2k("train" if split == "train" else "test")
+    share = num_classes // src.num_classes
+    idx, labels = [], []
+    for c in range(src.num_classes):
+        mine = torch.nonzero(src.y == c).flatten()[: per_class * share]
+        if len(mine) < per_class * share:
+            raise ValueError(f"the mirror's CIFAR-10 {split} split has {len(mine)} images of class "
+                             f"{c}; the {name} stand-in needs {per_class * share}")
+        idx.append(mine)
+        labels.append(c * share + torch.arange(len(mine)) % share)
+    idx_t, y = torch.cat(idx), torch.cat(labels)
+    return TensorDataset(src.x[idx_t], y,
+                         classes=_cifar100_classes() if name == "cifar100" else src.classes)
+
+
+def _cifar100_classes() -> list[str]:
+    """CIFAR-100's 100 fine class names in label order (alphabetical, as torchvision's CIFAR100
+    lists them), read from the CIFAR-FS split files this package ships."""
+    import json
+    from importlib import resources
+
+    folder = resources.files("nclab").joinpath("resources")
+    names = [fine for split in ("train", "val", "test")
+             for _, fine in json.loads(folder.joinpath(f"cifar_fs_{split}.json").read_text("utf-8"))]
+    return sorted(names)
+
+
+def stand_in(name: str, split: str = "train", image_size: int | None = None,
+             transform: Callable | None = None) -> Dataset:
+    """The rehearsal's stand-in for registry dataset ``name`` (what :func:`load` returns while
+    :func:`nclab.runtime.rehearsing`): CIFAR-10/100 as the mirror's real CIFAR-10 images
+    (a :class:`TensorDataset`, resized to ``image_size`` as :func:`load` does), every other set as
+    synthetic mixed-size images with the real class count (:data:`STAND_IN_SIZES`), ``transform``
+    (default: resize + centre crop to ``image_size``, uint8) applied as torchvision's datasets do.
+    Never results: the sizes are tiny and the synthetic sets are not real data."""
+    if name not in STAND_IN_SIZES:
+        raise ValueError(f"no rehearsal stand-in for {name!r}; stand-ins: {', '.join(STAND_IN_SIZES)}")
+    spec = DATASETS[name]
+    _check_split(split, tuple(spec.splits))
+    if spec.fixed_size:
+        out = _cifar_stand_in(name, split)
+        if image_size and image_size != out.x.shape[-1]:
+            out = _resized(out, image_size)
+        return out
+    num_classes, n_train, n_test, size = STAND_IN_SIZES[name]
+    return _SyntheticImages(num_classes, n_train if split == "train" else n_test, size,
+                            seed=sorted(spec.splits).index(split),
+                            transform=transform or _default_transform(image_size), name=name)
+
+
+def _resized(ds: TensorDataset, image_size: int) -> TensorDataset:
+    x = F.interpolate(ds.x.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
+    return TensorDataset(x.round().clamp(0, 255).to(torch.uint8), ds.y, ds.classes)
+
+
 def load(
     name: str,
     split: str = "train",
@@ -388,6 +496,9 @@ def load(
     CIFAR-10/100 return a :class:`TensorDataset`. Datasets of mixed image sizes return torchvision's
     dataset with ``transform`` applied (default: ``image_size`` resize + centre crop to a uint8
     tensor); pass ``image_size`` and call :func:`materialize` to get tensors.
+
+    In a rehearsal (``NCLAB_REHEARSAL=1``, :func:`nclab.runtime.rehearsing`) the torchvision sets
+    are replaced by their :func:`stand_in`.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; registered: {', '.join(DATASETS)}")
@@ -399,6 +510,8 @@ def load(
         return fashion_mnist_2k(split, size=image_size or 32, download=download)
     spec = DATASETS[name]
     _check_split(split, tuple(spec.splits))
+    if rehearsing():
+        return stand_in(name, split, image_size=image_size, transform=transform)
     root = data_dir(root)
     import torchvision.datasets as tvd
 
@@ -424,12 +537,7 @@ def load(
         x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         y = torch.as_tensor(ds.targets).long()
         out = TensorDataset(x, y, classes=list(ds.classes))
-        if image_size and image_size != x.shape[-1]:
-            out = TensorDataset(
-                (F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear",
-                               antialias=True)).round().clamp(0, 255).to(torch.uint8),
-                y, out.classes)
-        return out
+        return _resized(out, image_size) if image_size and image_size != x.shape[-1] else out
     return ds
 
 

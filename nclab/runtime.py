@@ -5,20 +5,25 @@ in seconds on a laptop CPU (``smoke``: bundled digits, nets trained in the chapt
 CPU with real images and really pre-trained networks (``real``: the local mirror of
 :mod:`nclab.mirror`, CIFAR-10-trained ResNet-20/32/44/56), in minutes on one GPU (``course``) and as
 in the paper (``paper``). It is chosen by the environment variable ``NCLAB_PROFILE``.
+
+``NCLAB_REHEARSAL=1`` rehearses ``course`` (or ``paper``) on a CPU in minutes: the same profile,
+the same chapter code, with three substitutions only (see :func:`rehearsal`): tiny sizes, stand-in
+data (:func:`nclab.data.load`) and random-init weights written into the torch hub / Hugging Face
+cache layout (:func:`nclab.models.load_backbone`).
 """
 
 from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 __all__ = ["device", "seed_everything", "cpu_threads", "profile", "Profile", "PROFILES", "cache_dir",
-           "data_dir"]
+           "data_dir", "rehearsing", "rehearsal", "REHEARSAL_SIZES"]
 
 
 def device() -> torch.device:
@@ -73,6 +78,8 @@ class Profile:
     fewshot_dataset: few-shot split family for the few-shot chapter (``nclab.fewshot.load_split``).
     fewshot_scale: width multiplier of the few-shot backbones (1.0 = the paper's widths).
     fewshot_epochs: epochs of few-shot pre-training on the meta-train classes (paper: 90).
+    rehearsal: True for a rehearsal of this profile (:func:`rehearsal`): tiny sizes, stand-in
+    data, random-init weights; its results are never results.
     """
 
     name: str
@@ -90,6 +97,7 @@ class Profile:
     fewshot_dataset: str = "cifar_fs"
     fewshot_scale: float = 1.0
     fewshot_epochs: int = 90
+    rehearsal: bool = False
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -164,10 +172,53 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+#: What a rehearsal (:func:`rehearsal`) shrinks; every other field stays the profile's own.
+REHEARSAL_SIZES: dict = dict(seeds=(0, 1), pretrain_epochs=1, finetune_epochs=1, batch_size=16,
+                             shots_per_class=(2, 4), episodes=4, max_train_per_class=6,
+                             fewshot_epochs=1)
+_REHEARSABLE = ("course", "paper")
+_announced: set[str] = set()
+
+
+def rehearsing() -> bool:
+    """True when ``$NCLAB_REHEARSAL`` is set to 1/true/yes: :func:`profile` then returns the
+    rehearsal of the active profile, :func:`nclab.data.load` serves stand-in data and
+    :func:`nclab.models.load_backbone` random-init weights."""
+    return os.environ.get("NCLAB_REHEARSAL", "").strip().lower() in ("1", "true", "yes")
+
+
+def rehearsal(p: Profile) -> Profile:
+    """The rehearsal of ``course`` or ``paper``: the same profile (name, models, datasets, image
+    size, few-shot split) with the sizes of :data:`REHEARSAL_SIZES`. Run it with
+    ``NCLAB_REHEARSAL=1`` (``make rehearse``): the chapters then also get (2) stand-in data where
+    the real download is impossible and (3) random-init ImageNet/CLIP weights, loaded from files
+    written into the torch hub / Hugging Face cache layout. Another profile raises ``ValueError``."""
+    if p.name not in _REHEARSABLE:
+        raise ValueError(f"a rehearsal runs the {' or '.join(_REHEARSABLE)} profile's code at tiny "
+                         f"sizes; {p.name!r} needs none (set NCLAB_PROFILE=course)")
+    return replace(p, rehearsal=True, **REHEARSAL_SIZES)
+
+
+def _announce(p: Profile) -> None:
+    """Print once per process what a rehearsal substitutes (the chapter's first profile call)."""
+    if p.name in _announced:
+        return
+    _announced.add(p.name)
+    sizes = ", ".join(f"{k}={v}" for k, v in REHEARSAL_SIZES.items())
+    print(f"REHEARSAL of the {p.name!r} profile: its code with three substitutions, no results.\n"
+          f"  1. tiny sizes: {sizes}\n"
+          "  2. stand-in data: the mirror's real CIFAR-10 images for CIFAR-10/100-shaped sets; "
+          "synthetic images\n     with the real class counts and image sizes for the others "
+          "(not real data)\n"
+          "  3. random-init weights for the ImageNet/CLIP backbones, written into the torch hub / "
+          "Hugging Face\n     cache layout and loaded through the usual code")
+
+
 def profile(name: str | Profile | None = None) -> Profile:
     """The active profile: ``name`` if given (a :class:`Profile` is returned as it is), else
-    ``$NCLAB_PROFILE``, else ``course`` with CUDA and ``smoke`` without. An unknown name raises
-    ``ValueError`` listing the valid ones."""
+    ``$NCLAB_PROFILE``, else ``course`` with CUDA and ``smoke`` without; with ``$NCLAB_REHEARSAL``
+    set, a name is returned as its :func:`rehearsal`. An unknown name raises ``ValueError``
+    listing the valid ones."""
     if isinstance(name, Profile):
         return name
     if name is None:
@@ -178,6 +229,10 @@ def profile(name: str | Profile | None = None) -> Profile:
         raise ValueError(
             f"unknown profile {name!r} (from NCLAB_PROFILE); valid profiles: {', '.join(PROFILES)}"
         )
+    if rehearsing() and name in _REHEARSABLE:
+        p = rehearsal(PROFILES[name])
+        _announce(p)
+        return p
     return PROFILES[name]
 
 
