@@ -162,8 +162,13 @@ def execute(root: Path, cache: Path, jobs: int) -> list[Result]:
 
 
 def write_config(root: Path, cache: Path, out: Path) -> None:
-    """``_config.yml`` with ``execute_notebooks: cache`` reading ``cache`` (absolute path)."""
+    """``_config.yml`` with ``execute_notebooks: cache`` reading ``cache`` (absolute path). Jupyter
+    Book resolves ``sphinx.local_extensions`` against the config file's folder, so they are made
+    absolute."""
     config = _load(root / "_config.yml")
+    local = (config.get("sphinx") or {}).get("local_extensions") or {}
+    for name, folder in local.items():
+        local[name] = str((root / folder).resolve())
     config.setdefault("execute", {})
     config["execute"]["execute_notebooks"] = "cache"
     config["execute"]["cache"] = str(cache.resolve())
