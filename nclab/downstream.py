@@ -434,6 +434,11 @@ def correlations(df, scores: Sequence[str] = ("nc1", "h_score", "logme"), acc: s
             x = grp[score].to_numpy(np.float64)
             is_nc1 = score.endswith("nc1")  # nc1, source_nc1: log10, lower predicts better
             r_fn = _log_pearson if is_nc1 else pearson
+            for name, v in ((acc, a), (score, x)):
+                if len(v) > 1 and np.ptp(v) == 0:
+                    raise ValueError(
+                        f"{dict(zip(by, keys))}: {name} is {v[0]:g} for all {len(v)} models, so "
+                        f"no correlation of {score} with {acc} is defined")
             r = bootstrap_ci(r_fn, x, a, n_boot=n_boot, seed=seed)
             rho = bootstrap_ci(spearman, x, a, n_boot=n_boot, seed=seed)
             sign = -1.0 if is_nc1 else 1.0

@@ -39,7 +39,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from .data import DatasetUnavailableError, TensorDataset, batches, digits
-from .runtime import data_dir
+from .runtime import data_dir, rehearsing
 from .runtime import device as default_device
 
 __all__ = [
@@ -280,6 +280,11 @@ def _select(datasets: Sequence[TensorDataset], names: Sequence[str],
     return TensorDataset(torch.cat(xs)[order], y[order], list(names))
 
 
+#: Meta-training images per class of CIFAR-FS in a rehearsal (``NCLAB_REHEARSAL=1``); the
+#: meta-test classes keep every stand-in image (an episode draws 5 shots + 15 queries per class).
+REHEARSAL_META_TRAIN = 4
+
+
 def cifar_fs(
     split: str,
     root: str | Path | None = None,
@@ -295,7 +300,12 @@ def cifar_fs(
         from .data import load
 
         cifar100 = [load("cifar100", "train", root=root), load("cifar100", "test", root=root)]
-    return _select(list(cifar100), split_classes("cifar_fs", split))
+    out = _select(list(cifar100), split_classes("cifar_fs", split))
+    if rehearsing() and split == "train":  # a rehearsal pre-trains on a few images per class
+        from .data import subset_per_class
+
+        out = subset_per_class(out, REHEARSAL_META_TRAIN, seed=0)
+    return out
 
 
 def cifar10_fs(

@@ -211,6 +211,9 @@ def study(profile=None) -> FineTuneStudy:
                                       "second_full_most_accurate",
                                       "scarce_one_block_beats_probe",
                                       "scarce_full_not_below_probe"))
+    # a rehearsal tunes fewer blocks one at a time (Figs. 9a, 14): the first, block k, the one
+    # after it and the last
+    sweep = dict(tune_sweep=(1,), sweep_step=8) if prof.rehearsal else {}
     return FineTuneStudy(**common, backbone="resnet50", downstream=prof.downstream[0], block=8,
                          image_size=prof.image_size, per_class=prof.max_train_per_class,
-                         second="resnet18")
+                         second="resnet18", **sweep)

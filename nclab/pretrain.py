@@ -973,6 +973,12 @@ _STUDY_SIZES: dict[str, dict] = {
 }
 
 
+#: What a rehearsal (:func:`nclab.runtime.rehearsal`) changes in its profile's study: sizes only
+#: (2 source images per class, the sweep's end points on one seed, short probes); every
+#: configuration group, loss and head of the profile still runs.
+_REHEARSAL_SIZES = dict(source_per_class=2, sweep_eps=(0, 8), sweep_seeds=1, probe_max_iter=20)
+
+
 def _cap_per_class(ds: TensorDataset, n: int | None, seed: int = 0) -> TensorDataset:
     from .data import subset_per_class
 
@@ -1027,6 +1033,8 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
 
     prof = active_profile(profile)
     sizes = _STUDY_SIZES.get(prof.name, _STUDY_SIZES["course"])
+    if prof.rehearsal:
+        sizes = {**sizes, **_REHEARSAL_SIZES}
     down_name = prof.downstream[0]
     size = sizes.get("image_size")
     src_train = load(prof.source, "train", root=root, image_size=size)
@@ -1045,6 +1053,7 @@ def source_study(profile: Profile | str | None = None, root: str | os.PathLike |
         if not isinstance(ds, TensorDataset):
             raise ValueError(f"the source study needs fixed-size image datasets; got {ds!r}")
     d_train = _cap_per_class(d_train, prof.max_train_per_class)
+    source = _cap_per_class(source, sizes.get("source_per_class"))
     if split:  # the downstream task is the source's other half; further datasets are extra
         extra_names: Sequence[str] = [n for n in sizes.get("extra", prof.downstream)
                                       if n != prof.source]

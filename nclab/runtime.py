@@ -173,9 +173,15 @@ PROFILES: dict[str, Profile] = {
 
 
 #: What a rehearsal (:func:`rehearsal`) shrinks; every other field stays the profile's own.
+#: ``downstream`` keeps the profile's first two datasets (course: CIFAR-10 and DTD, one of each
+#: kind of stand-in), so that the nine ImageNet backbones at 224 px fit CPU minutes.
 REHEARSAL_SIZES: dict = dict(seeds=(0, 1), pretrain_epochs=1, finetune_epochs=1, batch_size=16,
-                             shots_per_class=(2, 4), episodes=4, max_train_per_class=6,
+                             shots_per_class=(1, 2), episodes=4, max_train_per_class=2,
                              fewshot_epochs=1)
+_REHEARSAL_DATASETS = 2
+#: Models a rehearsal leaves out: the two deeper DenseNets (the DenseNet code runs with
+#: DenseNet-121), the heaviest of the nine at 224 px after ViT-B/32.
+_REHEARSAL_SKIPS = ("densenet169", "densenet201")
 _REHEARSABLE = ("course", "paper")
 _announced: set[str] = set()
 
@@ -188,15 +194,18 @@ def rehearsing() -> bool:
 
 
 def rehearsal(p: Profile) -> Profile:
-    """The rehearsal of ``course`` or ``paper``: the same profile (name, models, datasets, image
-    size, few-shot split) with the sizes of :data:`REHEARSAL_SIZES`. Run it with
+    """The rehearsal of ``course`` or ``paper``: the same profile (name, image size, source,
+    few-shot split) with the sizes of :data:`REHEARSAL_SIZES`, its first two downstream datasets
+    and its models but DenseNet-169/201 (one of every family and every model a study names). Run it with
     ``NCLAB_REHEARSAL=1`` (``make rehearse``): the chapters then also get (2) stand-in data where
     the real download is impossible and (3) random-init ImageNet/CLIP weights, loaded from files
     written into the torch hub / Hugging Face cache layout. Another profile raises ``ValueError``."""
     if p.name not in _REHEARSABLE:
         raise ValueError(f"a rehearsal runs the {' or '.join(_REHEARSABLE)} profile's code at tiny "
                          f"sizes; {p.name!r} needs none (set NCLAB_PROFILE=course)")
-    return replace(p, rehearsal=True, **REHEARSAL_SIZES)
+    models = tuple(m for m in p.models if m not in _REHEARSAL_SKIPS)
+    return replace(p, rehearsal=True, downstream=p.downstream[:_REHEARSAL_DATASETS], models=models,
+                   **REHEARSAL_SIZES)
 
 
 def _announce(p: Profile) -> None:
@@ -204,7 +213,7 @@ def _announce(p: Profile) -> None:
     if p.name in _announced:
         return
     _announced.add(p.name)
-    sizes = ", ".join(f"{k}={v}" for k, v in REHEARSAL_SIZES.items())
+    sizes = ", ".join(f"{k}={v}" for k, v in {**REHEARSAL_SIZES, "downstream": p.downstream}.items())
     print(f"REHEARSAL of the {p.name!r} profile: its code with three substitutions, no results.\n"
           f"  1. tiny sizes: {sizes}\n"
           "  2. stand-in data: the mirror's real CIFAR-10 images for CIFAR-10/100-shaped sets; "

@@ -89,6 +89,13 @@ def test_correlations_match_scipy_and_sign_agreement():
     assert np.allclose(lm, nc1_rows.agreement.to_numpy())
 
 
+def test_correlations_name_the_group_whose_accuracy_is_constant():
+    df = _toy()
+    df.loc[(df.task == "b") & (df.seed == 1), "test_acc"] = 1.0
+    with pytest.raises(ValueError, match=r"'task': 'b', 'seed': 1.*test_acc is 1 for all 12 models"):
+        downstream.correlations(df, n_boot=50)
+
+
 def test_compare_scores_is_paired():
     df = _toy()
     same = downstream.compare_scores(df, "nc1", "logme", n_boot=200)

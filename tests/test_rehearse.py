@@ -44,8 +44,10 @@ def test_rehearsal_keeps_the_course_profile_and_shrinks_only_sizes(monkeypatch, 
     course = PROFILES["course"]
     assert p.rehearsal and p.name == "course"
     changed = {f.name for f in dataclasses.fields(p) if getattr(p, f.name) != getattr(course, f.name)}
-    assert changed == set(REHEARSAL_SIZES) | {"rehearsal"}
-    for same in ("models", "downstream", "source", "image_size", "fewshot_dataset", "fewshot_scale"):
+    assert changed == set(REHEARSAL_SIZES) | {"rehearsal", "downstream", "models"}
+    assert p.downstream == course.downstream[:2]
+    assert set(p.models) == set(course.models) - {"densenet169", "densenet201"}
+    for same in ("source", "image_size", "fewshot_dataset", "fewshot_scale"):
         assert getattr(p, same) == getattr(course, same)
     assert p.pretrain_epochs == 1 and len(p.seeds) == 2 and p.episodes < course.episodes
     first = capsys.readouterr().out
