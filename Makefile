@@ -52,8 +52,16 @@ test: lint unit chapters
 
 # Executes every chapter in the active profile (NCLAB_PROFILE; default course with CUDA, else
 # smoke) and builds the HTML. A notebook error or any Sphinx warning fails the build.
+# BOOK_JOBS>1: book/_ext/execute_book.py runs N notebooks at once into a fresh cache; the build only reads it.
+BOOK_JOBS ?= 1
 book: $(STAMP)
+ifeq ($(filter-out 0 1,$(BOOK_JOBS)),)
 	$(BIN)/jupyter-book build . --builder html -W --keep-going
+else
+	$(BIN)/python book/_ext/execute_book.py --jobs $(BOOK_JOBS) --cache _build/.jupyter_cache_parallel \
+	  --config-out _build/_config_parallel.yml
+	$(BIN)/jupyter-book build . --builder html -W --keep-going --all --config _build/_config_parallel.yml
+endif
 	@test -f _build/html/index.html && echo "book: _build/html/index.html"
 
 # Regenerate the student versions of the assignments (book/assignments/) from their solutions
