@@ -371,7 +371,7 @@ def _default_transform(size: int | None):
 
 
 # --------------------------------------------------------------------------- rehearsal stand-ins
-#: Per remote dataset: (classes, images per class in train, in test, image width x height) of
+#: For each remote dataset, the (classes, images per class in train, in test, width x height) of
 #: its rehearsal stand-in (:func:`stand_in`). The class counts are the real ones; the sizes are
 #: tiny. CIFAR-shaped sets reuse the mirror's real CIFAR-10 images (32 x 32).
 STAND_IN_SIZES: dict[str, tuple[int, int, int, tuple[int, int]]] = {

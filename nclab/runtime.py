@@ -175,8 +175,8 @@ PROFILES: dict[str, Profile] = {
 #: What a rehearsal (:func:`rehearsal`) shrinks; every other field stays the profile's own.
 #: ``downstream`` keeps the profile's first two datasets (course: CIFAR-10 and DTD, one of each
 #: kind of stand-in), so that the nine ImageNet backbones at 224 px fit CPU minutes.
-REHEARSAL_SIZES: dict = dict(seeds=(0, 1), pretrain_epochs=1, finetune_epochs=1, batch_size=16,
-                             shots_per_class=(1, 2), episodes=4, max_train_per_class=2,
+REHEARSAL_SIZES: dict = dict(seeds=(0,), pretrain_epochs=1, finetune_epochs=1, batch_size=16,
+                             shots_per_class=(1, 2), episodes=8, max_train_per_class=2,
                              fewshot_epochs=1)
 _REHEARSAL_DATASETS = 2
 #: Models a rehearsal leaves out: the two deeper DenseNets (the DenseNet code runs with
