@@ -18,7 +18,7 @@ CHAPTERS := $(sort $(wildcard book/[0-9]*.ipynb))
 # The instructors' solutions: left out of the book (_config.yml) and the wheel; a public copy has none.
 SOLUTIONS := $(sort $(wildcard book/instructors/solutions/*_solution.ipynb))
 
-.PHONY: all test book unit chapters lint install student clean-book clean
+.PHONY: all test book unit chapters rehearse lint install student clean-book clean
 
 all: test book
 
@@ -41,14 +41,30 @@ unit: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no unit tests in tests/ -- failing"; exit 1; fi; \
 	exit $$rc
 
-# Every chapter under nbval (lax: all cells run, none compared) in the smoke profile.
+# Every chapter under nbval (lax: all cells run, none compared) in the smoke profile, NB_JOBS
+# notebooks at once (pytest-xdist; --dist loadscope keeps each notebook's cells in order on one worker).
+NB_JOBS ?= 2
 chapters: $(STAMP)
 	@if [ -z "$(strip $(CHAPTERS))" ]; then echo "make test: no chapters to validate"; exit 0; fi; \
 	HF_HUB_OFFLINE=1 NCLAB_PROFILE=smoke CUDA_VISIBLE_DEVICES= \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
-	  --nbval-cell-timeout=$(CELL_TIMEOUT) $(CHAPTERS)
+	  --nbval-cell-timeout=$(CELL_TIMEOUT) -n $(NB_JOBS) --dist loadscope $(CHAPTERS)
 
 test: lint unit chapters
+
+# A rehearsal of the `course` profile on a CPU, offline (nclab.runtime.rehearsal): every chapter and
+# assignment solution runs the course code under nbval with tiny sizes, stand-in data and random-init
+# ImageNet/CLIP weights, which `nclab rehearsal-weights` writes into scratch torch hub / Hugging Face
+# caches under $(REHEARSAL_DIR) (never the real ones). A course branch that breaks fails here.
+REHEARSAL_DIR ?= $(CURDIR)/.rehearsal
+REHEARSAL_ENV := HF_HUB_OFFLINE=1 NCLAB_PROFILE=course NCLAB_REHEARSAL=1 CUDA_VISIBLE_DEVICES= \
+  TORCH_HOME=$(REHEARSAL_DIR)/torch HF_HOME=$(REHEARSAL_DIR)/hf NCLAB_CACHE=$(REHEARSAL_DIR)/models
+REHEARSED := $(CHAPTERS) $(if $(strip $(SOLUTIONS)),$(SOLUTIONS),$(wildcard book/assignments/*.ipynb))
+rehearse: $(STAMP)
+	$(REHEARSAL_ENV) $(BIN)/nclab rehearsal-weights
+	$(REHEARSAL_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	  --nbval-cell-timeout=$(CELL_TIMEOUT) -n $(NB_JOBS) --dist loadscope --durations=10 \
+	  $(REHEARSED)
 
 # Executes every chapter in the active profile (NCLAB_PROFILE; default course with CUDA, else
 # smoke) and builds the HTML. A notebook error or any Sphinx warning fails the build.
