@@ -33,22 +33,24 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check nclab tests benchmarks book
 
+# Tests and notebooks run TEST_JOBS at a time (pytest-xdist). Notebooks use --dist loadscope, which
+# keeps each notebook's cells in order on one worker.
+TEST_JOBS ?= 2
+
 # Unit tests on CPU, offline. pytest's exit code 5 (nothing collected) is turned into an
 # explicit failure: an empty run must never pass by accident.
 unit: $(STAMP)
 	@rc=0; HF_HUB_OFFLINE=1 NCLAB_PROFILE=smoke CUDA_VISIBLE_DEVICES= \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider tests || rc=$$?; \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no unit tests in tests/ -- failing"; exit 1; fi; \
 	exit $$rc
 
-# Every chapter under nbval (lax: all cells run, none compared) in the smoke profile, NB_JOBS
-# notebooks at once (pytest-xdist; --dist loadscope keeps each notebook's cells in order on one worker).
-NB_JOBS ?= 2
+# Every chapter under nbval (lax: all cells run, none compared) in the smoke profile.
 chapters: $(STAMP)
 	@if [ -z "$(strip $(CHAPTERS))" ]; then echo "make test: no chapters to validate"; exit 0; fi; \
 	HF_HUB_OFFLINE=1 NCLAB_PROFILE=smoke CUDA_VISIBLE_DEVICES= \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
-	  --nbval-cell-timeout=$(CELL_TIMEOUT) -n $(NB_JOBS) --dist loadscope $(CHAPTERS)
+	  --nbval-cell-timeout=$(CELL_TIMEOUT) -n $(TEST_JOBS) --dist loadscope $(CHAPTERS)
 
 test: lint unit chapters
 
@@ -63,7 +65,7 @@ REHEARSED := $(CHAPTERS) $(if $(strip $(SOLUTIONS)),$(SOLUTIONS),$(wildcard book
 rehearse: $(STAMP)
 	$(REHEARSAL_ENV) $(BIN)/nclab rehearsal-weights
 	$(REHEARSAL_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
-	  --nbval-cell-timeout=$(CELL_TIMEOUT) -n $(NB_JOBS) --dist loadscope --durations=10 \
+	  --nbval-cell-timeout=$(CELL_TIMEOUT) -n $(TEST_JOBS) --dist loadscope --durations=10 \
 	  $(REHEARSED)
 
 # Executes every chapter in the active profile (NCLAB_PROFILE; default course with CUDA, else
