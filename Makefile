@@ -59,7 +59,10 @@ test: lint unit chapters
 # ImageNet/CLIP weights, which `nclab rehearsal-weights` writes into scratch torch hub / Hugging Face
 # caches under $(REHEARSAL_DIR) (never the real ones). A course branch that breaks fails here.
 REHEARSAL_DIR ?= $(CURDIR)/.rehearsal
+# One intra-op thread per notebook, as two notebooks share the CPU (in CI torch's default of 2 threads
+# each took the rehearsal to 15 min, a chapter 02 cell past the 300 s cell timeout).
 REHEARSAL_ENV := HF_HUB_OFFLINE=1 NCLAB_PROFILE=course NCLAB_REHEARSAL=1 CUDA_VISIBLE_DEVICES= \
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
   TORCH_HOME=$(REHEARSAL_DIR)/torch HF_HOME=$(REHEARSAL_DIR)/hf NCLAB_CACHE=$(REHEARSAL_DIR)/models
 REHEARSED := $(CHAPTERS) $(if $(strip $(SOLUTIONS)),$(SOLUTIONS),$(wildcard book/assignments/*.ipynb))
 rehearse: $(STAMP)
@@ -70,13 +73,14 @@ rehearse: $(STAMP)
 
 # Executes every chapter in the active profile (NCLAB_PROFILE; default course with CUDA, else
 # smoke) and builds the HTML. A notebook error or any Sphinx warning fails the build.
-# BOOK_JOBS>1: book/_ext/execute_book.py runs N notebooks at once into a fresh cache; the build only reads it.
+# BOOK_JOBS>1: book/_ext/execute_book.py runs N notebooks at once (one intra-op thread each) into a fresh
+# cache; the build only reads it.
 BOOK_JOBS ?= 1
 book: $(STAMP)
 ifeq ($(filter-out 0 1,$(BOOK_JOBS)),)
 	$(BIN)/jupyter-book build . --builder html -W --keep-going
 else
-	$(BIN)/python book/_ext/execute_book.py --jobs $(BOOK_JOBS) --cache _build/.jupyter_cache_parallel \
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python book/_ext/execute_book.py --jobs $(BOOK_JOBS) --cache _build/.jupyter_cache_parallel \
 	  --config-out _build/_config_parallel.yml
 	$(BIN)/jupyter-book build . --builder html -W --keep-going --all --config _build/_config_parallel.yml
 endif
