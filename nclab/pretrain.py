@@ -974,10 +974,11 @@ _STUDY_SIZES: dict[str, dict] = {
 
 
 #: What a rehearsal (:func:`nclab.runtime.rehearsal`) changes in its profile's study: sizes only
-#: (2 source images per class, four attack sizes in the sweep: the fewest its quadratic
-#: fit takes, short probes); every configuration group, loss and head of the profile still runs.
+#: (2 source images per class at 16 px, as ``smoke`` trains, four attack sizes in the sweep: the
+#: fewest its quadratic fit takes, short probes); every configuration group, loss and head of the
+#: profile still runs. In CI the 32-px rehearsal trained ~23 s per model, 20 models.
 _REHEARSAL_SIZES = dict(source_per_class=2, sweep_eps=(0, 1, 3, 8), sweep_seeds=1,
-                        probe_max_iter=20)
+                        probe_max_iter=20, image_size=16)
 
 
 def _cap_per_class(ds: TensorDataset, n: int | None, seed: int = 0) -> TensorDataset:
