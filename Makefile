@@ -59,8 +59,9 @@ test: lint unit chapters
 # ImageNet/CLIP weights, which `nclab rehearsal-weights` writes into scratch torch hub / Hugging Face
 # caches under $(REHEARSAL_DIR) (never the real ones). A course branch that breaks fails here.
 REHEARSAL_DIR ?= $(CURDIR)/.rehearsal
-# One intra-op thread per notebook, as two notebooks share the CPU (in CI torch's default of 2 threads
-# each took the rehearsal to 15 min, a chapter 02 cell past the 300 s cell timeout).
+# One intra-op thread per notebook, as two notebooks share the CPU (in a clean-clone run with torch's
+# default of 2 threads each, chapter 02's across-model cell passed the 300 s cell timeout; with one it
+# took 187 s. The whole rehearsal took about 15 min either way).
 REHEARSAL_ENV := HF_HUB_OFFLINE=1 NCLAB_PROFILE=course NCLAB_REHEARSAL=1 CUDA_VISIBLE_DEVICES= \
   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
   TORCH_HOME=$(REHEARSAL_DIR)/torch HF_HOME=$(REHEARSAL_DIR)/hf NCLAB_CACHE=$(REHEARSAL_DIR)/models

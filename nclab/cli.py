@@ -159,11 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _rehearsal_weights(args: argparse.Namespace) -> int:
     from .rehearse import write_weights
 
-    if not runtime.rehearsing():
-        print("error: set NCLAB_REHEARSAL=1 (this writes random weights for a rehearsal only)",
-              file=sys.stderr)
-        return 2
-    try:
+    try:  # refuses outside a rehearsal (NCLAB_REHEARSAL=1) and without scratch caches
         paths = write_weights(args.profile)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)

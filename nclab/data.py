@@ -395,6 +395,11 @@ class _SyntheticImages(Dataset):
         self.classes = [f"{name} stand-in class {k}" for k in range(num_classes)]
         self.targets = [k for k in range(num_classes) for _ in range(per_class)]
         self.size, self.seed, self.transform, self.name = size, seed, transform, name
+        # per class: a layout shared by all classes plus a faint one of its own (with the strong
+        # noise of __getitem__ not separable at a glance, so that accuracies differ between models)
+        shared = np.random.default_rng(num_classes).uniform(0, 255, (4, 4, 3))
+        self.layouts = [np.kron(shared + np.random.default_rng(k).uniform(-60, 60, (4, 4, 3)),
+                                np.ones((8, 8, 1))) for k in range(num_classes)]
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -403,12 +408,8 @@ class _SyntheticImages(Dataset):
         from PIL import Image
 
         k = self.targets[i]
-        # a layout shared by all classes, a faint one of class k, and strong noise: not separable
-        # at a glance, so that accuracies differ between models
-        shared = np.random.default_rng(len(self.classes)).uniform(0, 255, (4, 4, 3))
-        own = np.random.default_rng(k).uniform(-60, 60, (4, 4, 3))
         noise = np.random.default_rng((self.seed, i)).normal(0, 70, (32, 32, 3))
-        small = np.clip(np.kron(shared + own, np.ones((8, 8, 1))) + noise, 0, 255).astype(np.uint8)
+        small = np.clip(self.layouts[k] + noise, 0, 255).astype(np.uint8)
         w, h = self.size if i % 2 == 0 else self.size[::-1]
         img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
         return (self.transform(img) if self.transform else img), k
@@ -464,17 +465,18 @@ def stand_in(name: str, split: str = "train", image_size: int | None = None,
     spec = DATASETS[name]
     _check_split(split, tuple(spec.splits))
     if spec.fixed_size:
-        out = _cifar_stand_in(name, split)
-        if image_size and image_size != out.x.shape[-1]:
-            out = _resized(out, image_size)
-        return out
+        return _resized(_cifar_stand_in(name, split), image_size)
     num_classes, n_train, n_test, size = STAND_IN_SIZES[name]
     return _SyntheticImages(num_classes, n_train if split == "train" else n_test, size,
                             seed=sorted(spec.splits).index(split),
                             transform=transform or _default_transform(image_size), name=name)
 
 
-def _resized(ds: TensorDataset, image_size: int) -> TensorDataset:
+def _resized(ds: TensorDataset, image_size: int | None) -> TensorDataset:
+    """``ds`` resized to ``image_size`` px (bilinear, antialiased, uint8); itself when no size is
+    asked or it already has it."""
+    if not image_size or image_size == ds.x.shape[-1]:
+        return ds
     x = F.interpolate(ds.x.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
     return TensorDataset(x.round().clamp(0, 255).to(torch.uint8), ds.y, ds.classes)
 
@@ -540,7 +542,7 @@ def load(
         x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         y = torch.as_tensor(ds.targets).long()
         out = TensorDataset(x, y, classes=list(ds.classes))
-        return _resized(out, image_size) if image_size and image_size != x.shape[-1] else out
+        return _resized(out, image_size)
     return ds
 
 

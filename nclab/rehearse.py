@@ -68,14 +68,19 @@ def _state_dict(name: str) -> dict[str, torch.Tensor]:
     return timm.create_model(spec.arch if spec is not None else name, pretrained=False).state_dict()
 
 
+def _target(it: FetchItem) -> Path:
+    """The file a plan item's weights are read from: the torch hub file, or the file of the
+    rehearsal's snapshot in the Hugging Face repository folder."""
+    return it.dest if it.kind == "torchvision" else it.dest / "snapshots" / _REVISION / str(it.hf_file)
+
+
 def _write_hf(it: FetchItem, sd: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
 
-    snap = it.dest / "snapshots" / _REVISION
-    snap.mkdir(parents=True, exist_ok=True)
+    path = _target(it)
+    path.parent.mkdir(parents=True, exist_ok=True)
     (it.dest / "refs").mkdir(exist_ok=True)
     (it.dest / "refs" / "main").write_text(_REVISION)
-    path = snap / str(it.hf_file)
     tensors = {k: v.detach().contiguous().clone() for k, v in sd.items()}
     if path.suffix == ".safetensors":
         save_file(tensors, str(path))
@@ -113,9 +118,7 @@ def write_weights(profile: str | Profile | None = None, names: Sequence[str] | N
     torch.manual_seed(seed)
     written = []
     for it in items:
-        done = (it.dest.is_file() if it.kind == "torchvision"
-                else (it.dest / "snapshots" / _REVISION / str(it.hf_file)).is_file())
-        if done:
+        if _target(it).is_file():
             continue
         if progress:
             print(f"rehearsal: random-init weights for {it.name} -> {it.dest}", flush=True)
