@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -74,7 +75,8 @@ def test_two_workers_fill_a_fresh_cache(tmp_path, long_first, capfd):
     results = {r.path: r for r in eb.execute(tmp_path, cache, jobs=2)}
     eb.write_config(tmp_path, cache, out)
     text = capfd.readouterr().out
-    assert {line.split()[1] for line in text.splitlines() if line.endswith(" ok")} == set(results)
+    assert set(re.findall(r"execute_book: (\S+) [0-9.]+ s ok", text)) == set(results)
+    assert set(re.findall(r"execute_book: start (\S+\.ipynb)", text)) == set(results)
     assert not (cache / "stale.txt").exists()
     assert all(r.error is None for r in results.values())
     # two workers take the two longest at once; the unknown one starts when one of them has finished

@@ -107,12 +107,18 @@ def _load(path: Path) -> dict[str, Any]:
         return yaml.safe_load(f) or {}
 
 
+def _say(line: str) -> None:
+    """Print ``line`` in one write, so lines from the workers and the parent never interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _execute(root: str, rel: str, timeout: int | None, allow_errors: bool) -> Result:
     """Run one notebook in its own folder (worker process); never raises."""
     from jupyter_cache.executors.utils import single_nb_execution
 
     path = Path(root) / rel
-    print(f"execute_book: start {rel}", flush=True)
+    _say(f"execute_book: start {rel}")
     started, t0 = time.time(), time.perf_counter()
     try:
         nb = nbformat.read(path, as_version=4)
@@ -149,8 +155,7 @@ def execute(root: Path, cache: Path, jobs: int) -> list[Result]:
         for fut in as_completed(futures):
             r = fut.result()
             results.append(r)
-            print(f"execute_book: {r.path} {r.seconds:.1f} s {'ok' if r.error is None else 'failed'}",
-                  flush=True)
+            _say(f"execute_book: {r.path} {r.seconds:.1f} s {'ok' if r.error is None else 'failed'}")
             if r.error is None:
                 store.cache_notebook_bundle(
                     CacheBundleIn(nbformat.reads(r.notebook, as_version=4), str(root / r.path),
