@@ -70,7 +70,9 @@ rehearse: $(STAMP)
 	$(REHEARSAL_ENV) $(BIN)/nclab rehearsal-weights
 	$(REHEARSAL_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
 	  --nbval-cell-timeout=$(CELL_TIMEOUT) -n $(TEST_JOBS) --dist loadscope --durations=10 \
-	  $(REHEARSED)
+	  --junitxml=$(REHEARSAL_DIR)/rehearsal.xml $(REHEARSED)
+	@echo "rehearsal: seconds per notebook (its cells summed; one worker runs each notebook)"
+	@$(BIN)/python .ci/junit_times.py $(REHEARSAL_DIR)/rehearsal.xml
 
 # Executes every chapter in the active profile (NCLAB_PROFILE; default course with CUDA, else
 # smoke) and builds the HTML. A notebook error or any Sphinx warning fails the build.
