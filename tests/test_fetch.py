@@ -234,6 +234,21 @@ def test_dry_run_prints_the_table_and_total(capsys):
     assert "Manual" in out and "miniimagenet" in out
 
 
+def test_setup_page_shows_the_course_plan_as_printed(capsys):
+    """book/setup.md's table and total are the dry-run's own lines, so the page cannot drift from the
+    plan."""
+    from pathlib import Path
+
+    assert cli.main(["fetch", "--dry-run", "--profile", "course"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    page = (Path(__file__).resolve().parents[1] / "book" / "setup.md").read_text().splitlines()
+    start = page.index("| file | origin | size | check | used by |")
+    end = next(i for i in range(start, len(page)) if not page[i].startswith("|"))
+    assert page[start:end] == [ln for ln in printed if ln.startswith("|")]
+    total = next(ln for ln in printed if ln.startswith("Total: "))
+    assert total in page[end:end + 3]
+
+
 def test_dataset_archive_is_verified_and_extracted_into_the_torchvision_layout(server, tmp_path,
                                                                               monkeypatch):
     import io
