@@ -3,7 +3,7 @@
 The profile sets every size a chapter uses (epochs, data, model names), so that the same notebook runs
 in seconds on a laptop CPU (``smoke``: bundled digits, nets trained in the chapter), in minutes on a
 CPU with real images and really pre-trained networks (``real``: the local mirror of
-:mod:`nclab.mirror`, CIFAR-10-trained ResNet-20/32/44/56), in minutes on one GPU (``course``) and as
+:mod:`nclab.mirror`, 23 CIFAR-10-trained networks), in minutes on one GPU (``course``) and as
 in the paper (``paper``). It is chosen by the environment variable ``NCLAB_PROFILE``.
 
 ``NCLAB_REHEARSAL=1`` rehearses ``course`` (or ``paper``) on a CPU in minutes: the same profile,
